@@ -1,0 +1,477 @@
+"""Stochastic Weight Averaging for PaddlePaddle: the reusable core.
+
+SWA (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
+UAI 2018) trains with SGD and keeps an equal-weight running average of the weights visited
+late in training; because BatchNorm running statistics of the averaged weights are not the
+average of the statistics, they are recomputed with one pass over the training data.
+
+    >>> swa = SWA(model)                      # holds the averaged copy and its count
+    >>> for epoch in range(epochs):
+    ...     optimizer.set_lr(piecewise_linear_lr(epoch, 0.1, epochs, swa_start=161, swa_lr=0.05))
+    ...     run_epoch(train_batches(), model, optimizer)
+    ...     if is_swa_epoch(epoch + 1, swa_start=161):
+    ...         swa.update(model)
+    >>> swa.bn_update(train_batches())        # BatchNorm statistics of the average
+    >>> run_epoch(test_batches(), swa.model)  # {'loss': ..., 'accuracy': ..., 'count': ...}
+
+Nothing here parses arguments, prints or touches files other than checkpoints.
+"""
+import copy
+import math
+import os
+import random
+import tempfile
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+CHECKPOINT_FORMAT = "swa-paddle/1"
+# Keys of the original PyTorch code's checkpoints; every checkpoint has them.
+CHECKPOINT_KEYS = ("epoch", "state_dict", "swa_state_dict", "swa_n", "optimizer")
+
+
+# --------------------------------------------------------------------------- averaging
+
+def _unwrap(model):
+    """The Layer inside a paddle.DataParallel wrapper, or the model itself."""
+    return getattr(model, "_layers", model) if isinstance(model, paddle.DataParallel) else model
+
+
+def _named_state(model):
+    """(name, tensor) for every parameter and buffer, BatchNorm statistics included."""
+    model = _unwrap(model)
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _paired_state(swa_model, model):
+    pairs = []
+    for (name_a, a), (name_b, b) in zip(_named_state(swa_model), _named_state(model),
+                                        strict=True):
+        if name_a != name_b or a.shape != b.shape:
+            raise ValueError(f"models differ: {name_a} {list(a.shape)} vs "
+                             f"{name_b} {list(b.shape)}")
+        pairs.append((a, b))
+    return pairs
+
+
+def moving_average(swa_model, model, alpha):
+    """Move `swa_model` towards `model`: swa <- (1 - alpha) * swa + alpha * model, in place.
+
+    Every floating-point parameter and buffer is averaged, the BatchNorm running mean and
+    variance included (in Paddle they are non-trainable parameters). Averaged statistics
+    are only an approximation of the statistics of the averaged weights, but a usable one
+    for a caller who skips `bn_update`; `bn_update` replaces them with the exact values.
+    Other tensors (integer buffers) are copied from `model`.
+
+    Args:
+        swa_model: the running average (a Layer), updated in place.
+        model: a Layer of the same architecture (a paddle.DataParallel wrapper is fine).
+        alpha: weight of `model`; 1 / (n + 1) keeps an equal-weight average of n + 1 models.
+
+    Returns:
+        `swa_model`.
+
+    Example:
+        >>> moving_average(swa_model, model, 1.0 / (swa_n + 1)); swa_n += 1
+    """
+    with paddle.no_grad():
+        weight = None
+        for avg, new in _paired_state(swa_model, model):
+            if not avg.is_floating_point():
+                paddle.assign(new, output=avg)
+                continue
+            if weight is None or weight.dtype != avg.dtype:
+                weight = paddle.full([], alpha, dtype=avg.dtype)
+            # lerp_ reads both tensors once and writes avg once, with no temporary.
+            avg.lerp_(new, weight)
+    return swa_model
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+def _batch_norm_layers(model):
+    """BatchNorm layers (all variants) that track running statistics."""
+    layers = []
+    for layer in _unwrap(model).sublayers(include_self=True):
+        if isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm)):
+            # Layers told to always normalise with their stored statistics never update them,
+            # so a reset would destroy them: leave them alone.
+            if not getattr(layer, "_use_global_stats", False):
+                layers.append(layer)
+    return layers
+
+
+def _batch_input(batch):
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
+
+
+def bn_update(loader, model, distributed=False):
+    """Recompute the BatchNorm running statistics of `model` with one pass over `loader`.
+
+    Each BatchNorm layer's running mean becomes the mean of its inputs over all samples,
+    and its running variance the sample-weighted average of the (biased) batch variances,
+    exactly, whatever the batch sizes: batch b, after n samples, is given momentum
+    n / (n + b) in Paddle's convention (running = m * running + (1 - m) * batch). Runs
+    without gradients, with every layer in training mode as the statistics are gathered,
+    then restores each layer's momentum and train/eval mode (also if the pass fails, in
+    which case the old statistics are restored too). A model without BatchNorm is returned
+    untouched and no data is read.
+
+    Args:
+        loader: iterable of batches, each `(x, y, ...)` (list or tuple) or `x` alone.
+        model: the Layer whose statistics are recomputed (a DataParallel wrapper is fine).
+        distributed: if True, every process of the initialised paddle.distributed group
+            must call this with its own shard of the data; the per-layer sums are
+            all-reduced, so every rank ends with the statistics of the union of the shards.
+
+    Returns:
+        The number of samples seen (over all ranks when `distributed`).
+
+    Example:
+        >>> bn_update(train_loader, swa_model)
+    """
+    layers = _batch_norm_layers(model)
+    if not layers:
+        return 0
+    stats = [t for layer in layers for t in (layer._mean, layer._variance)]
+    saved_stats = [t.clone() for t in stats]
+    saved_momenta = [layer._momentum for layer in layers]
+    saved_modes = [(layer, layer.training) for layer in _unwrap(model).sublayers(include_self=True)]
+    seen = 0
+    try:
+        with paddle.no_grad():
+            model.train()
+            for batch in loader:
+                x = _batch_input(batch)
+                size = x.shape[0]
+                for layer in layers:
+                    layer._momentum = seen / (seen + size)
+                model(x)
+                seen += size
+        total = _all_reduce_statistics(stats, seen) if distributed else seen
+        if total == 0:
+            raise ValueError("bn_update: the loader yielded no samples")
+    except BaseException:
+        with paddle.no_grad():
+            for t, old in zip(stats, saved_stats):
+                paddle.assign(old, output=t)
+        raise
+    finally:
+        for layer, momentum in zip(layers, saved_momenta):
+            layer._momentum = momentum
+        for layer, mode in saved_modes:
+            layer.training = mode
+    return total
+
+
+def _all_reduce_statistics(stats, seen):
+    """Replace each rank's averages by the sample-weighted average over all ranks.
+
+    Sums are formed and reduced in float64 in one flat buffer, so every rank computes the
+    same values from the same reduced sums.
+    """
+    import paddle.distributed as dist
+
+    with paddle.no_grad():
+        flat = paddle.concat([t.astype("float64").flatten() * seen for t in stats]
+                             + [paddle.full([1], seen, dtype="float64")])
+        dist.all_reduce(flat)
+        total = int(round(float(flat[-1])))
+        if total:
+            offset = 0
+            for t in stats:
+                size = int(np.prod(t.shape))
+                value = (flat[offset:offset + size] / total).reshape(t.shape)
+                paddle.assign(value.astype(t.dtype), output=t)
+                offset += size
+    return total
+
+
+# --------------------------------------------------------------------------- SWA state
+
+def is_swa_epoch(epoch, swa_start, swa_c_epochs=1):
+    """Whether the model is added to the average after 1-based epoch `epoch`.
+
+    As in the original code: epochs swa_start, swa_start + c, swa_start + 2c, ...
+
+    Example:
+        >>> [k for k in range(1, 9) if is_swa_epoch(k, swa_start=4)]
+        [4, 5, 6, 7, 8]
+    """
+    return epoch >= swa_start and (epoch - swa_start) % swa_c_epochs == 0
+
+
+class SWA:
+    """The SWA state of a training run: the averaged model and how many models it holds.
+
+    Args:
+        model: the model being trained; the average starts as a copy of it, holding 0 models.
+
+    Example:
+        >>> swa = SWA(model)
+        >>> swa.update(model)                 # after each averaging epoch
+        >>> swa.bn_update(train_loader)       # before evaluating swa.model
+        >>> state = swa.state_dict()          # {'swa_state_dict': ..., 'swa_n': ...}
+        >>> swa.set_state_dict(state)
+    """
+
+    def __init__(self, model):
+        self.model = copy.deepcopy(_unwrap(model))
+        for p in self.model.parameters():
+            p.stop_gradient = True
+        self.n = 0
+
+    def update(self, model):
+        """Add `model` to the equal-weight average. Returns the new count."""
+        moving_average(self.model, model, 1.0 / (self.n + 1))
+        self.n += 1
+        return self.n
+
+    def bn_update(self, loader, distributed=False):
+        """Recompute the average's BatchNorm statistics; see `bn_update`."""
+        return bn_update(loader, self.model, distributed=distributed)
+
+    def state_dict(self):
+        """The average and its count, under the original checkpoint's key names."""
+        return {"swa_state_dict": self.model.state_dict(), "swa_n": self.n}
+
+    def set_state_dict(self, state):
+        """Restore what `state_dict` returned; ValueError if the average does not fit the model."""
+        load_weights(self.model, state["swa_state_dict"])
+        self.n = int(state["swa_n"])
+
+
+# --------------------------------------------------------------------------- schedules
+
+def piecewise_linear_lr(epoch, lr_init, epochs, swa_start=None, swa_lr=None):
+    """The original SWA code's learning rate at the start of 0-based epoch `epoch`.
+
+    With SWA (swa_start given), t = epoch / swa_start and the rate ends at swa_lr;
+    without, t = epoch / epochs and it ends at lr_init / 100. The factor is 1 for
+    t <= 0.5, falls linearly to the end ratio r for 0.5 < t <= 0.9, and is r after.
+    swa_start = 0 (averaging from the first epoch, e.g. from pretrained weights) gives
+    swa_lr throughout.
+
+    Args:
+        epoch: 0-based epoch about to start.
+        lr_init: initial learning rate.
+        epochs: total epochs (used without SWA).
+        swa_start: 1-based epoch of the first average, or None for plain SGD.
+        swa_lr: the constant rate SWA settles at (required with swa_start).
+
+    Returns:
+        The learning rate (float).
+
+    Example:
+        >>> piecewise_linear_lr(100, 0.1, 200, swa_start=161, swa_lr=0.05)
+        0.08757763975155279
+    """
+    if swa_start is None:
+        t, ratio = epoch / epochs, 0.01
+    else:
+        t = epoch / swa_start if swa_start > 0 else math.inf
+        ratio = swa_lr / lr_init
+    if t <= 0.5:
+        factor = 1.0
+    elif t <= 0.9:
+        factor = 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
+    else:
+        factor = ratio
+    return lr_init * factor
+
+
+# --------------------------------------------------------------------------- train / eval
+
+def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, totals=None):
+    """One pass over `batches`: trains when `optimizer` is given, otherwise evaluates.
+
+    Training uses cross-entropy, model.train() and one optimizer step per batch;
+    evaluation uses model.eval() without gradients. A non-finite loss raises
+    `NonFiniteLoss` before the optimizer step, so the weights stay those of the last good
+    step.
+
+    Args:
+        batches: iterable of `(x, y)` with integer labels y.
+        model: the Layer (or DataParallel wrapper) to run.
+        optimizer: a paddle optimizer to train with, or None to evaluate.
+        on_step: optional callable(step, totals) called after each batch (0-based step);
+            returning True stops the pass early (e.g. on a signal).
+        distributed: if True, the sums are all-reduced, so every rank returns the metrics
+            over all ranks' data.
+        totals: sums from an interrupted pass to continue from (as returned).
+
+    Returns:
+        dict with `loss` (mean cross-entropy), `accuracy` (percent), `count` (samples),
+        `steps` (batches run in this call) and the raw sums `loss_sum`, `correct`.
+
+    Example:
+        >>> run_epoch(test_batches, model)["accuracy"]
+        93.2
+    """
+    training = optimizer is not None
+    model.train() if training else model.eval()
+    sums = dict(loss_sum=0.0, correct=0, count=0)
+    if totals:
+        sums.update({key: totals[key] for key in sums})
+    steps = 0
+    with paddle.set_grad_enabled(training):
+        for step, (x, y) in enumerate(batches):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            value = float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(step, value)
+            if training:
+                loss.backward()
+                optimizer.step()
+                optimizer.clear_grad()
+            size = int(y.shape[0])
+            sums["loss_sum"] += value * size
+            sums["correct"] += int((logits.argmax(axis=1) == y.reshape([-1])).sum())
+            sums["count"] += size
+            steps += 1
+            if on_step is not None and on_step(step, sums):
+                break
+    if distributed:
+        sums = _all_reduce_sums(sums)
+    count = max(sums["count"], 1)
+    return dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
+                steps=steps)
+
+
+def _all_reduce_sums(sums):
+    import paddle.distributed as dist
+
+    flat = paddle.to_tensor([sums["loss_sum"], sums["correct"], sums["count"]], dtype="float64")
+    dist.all_reduce(flat)
+    loss_sum, correct, count = flat.tolist()
+    return dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)))
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite at 0-based step `step` of the pass."""
+
+    def __init__(self, step, value):
+        super().__init__(f"loss is {value} at step {step}")
+        self.step, self.value = step, value
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def checkpoint_path(directory, epoch, step=0):
+    """`<directory>/checkpoint-<epoch>.pdparams`, or `...-<epoch>-step<step>...` mid-epoch."""
+    suffix = f"-step{step}" if step else ""
+    return os.path.join(directory, f"checkpoint-{epoch}{suffix}.pdparams")
+
+
+def save_checkpoint(directory, epoch, step=0, **state):
+    """Write a checkpoint atomically and return its path.
+
+    The dict holds `epoch` (epochs completed), `step` (batches completed in the next epoch,
+    0 at an epoch boundary), a format tag and everything in `state`; pass at least the
+    original code's keys `state_dict`, `swa_state_dict`, `swa_n`, `optimizer`. It is
+    written to a temporary file in `directory`, flushed to disk and renamed, so a crash
+    never leaves a truncated checkpoint under the final name.
+
+    Args:
+        directory: run directory (must exist).
+        epoch: epochs completed.
+        step: batches completed in epoch `epoch` (0-based) when saved mid-epoch.
+        **state: tensors, state dicts, numbers, strings, numpy arrays, nested dicts/lists.
+
+    Returns:
+        The checkpoint's path.
+
+    Example:
+        >>> save_checkpoint("runs/a", 10, state_dict=model.state_dict(),
+        ...                 optimizer=optimizer.state_dict(), **swa.state_dict())
+    """
+    path = checkpoint_path(directory, epoch, step)
+    payload = dict(format=CHECKPOINT_FORMAT, epoch=epoch, step=step, **state)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        paddle.save(payload, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by `save_checkpoint` (or the original code's layout).
+
+    Args:
+        path: checkpoint file.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, truncated, or not a checkpoint;
+            the message names the file.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/a/checkpoint-10.pdparams"); ckpt["swa_n"]
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = paddle.load(path)
+    except Exception as e:  # paddle.load raises many types for bad bytes
+        raise CheckpointError(f"checkpoint {path} is unreadable, truncated or not a Paddle "
+                              f"file ({type(e).__name__})") from None
+    missing = [key for key in ("epoch", "state_dict") if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {' or '.join(missing)} "
+                              "entry); a plain weights file is not a checkpoint")
+    return data
+
+
+def load_weights(model, state_dict, source="state dict"):
+    """Load `state_dict` into `model`, requiring the same names and shapes.
+
+    Paddle's own `set_state_dict` skips mismatched entries with a warning; this refuses
+    them, naming the first difference.
+
+    Raises:
+        ValueError: keys or shapes differ (e.g. a checkpoint of another model).
+    """
+    model = _unwrap(model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: "
+                         f"{len(missing)} missing (e.g. {missing[:1]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    for key, value in expected.items():
+        if list(value.shape) != list(state_dict[key].shape):
+            raise ValueError(f"{source} does not match the model: {key} has shape "
+                             f"{list(state_dict[key].shape)}, the model {list(value.shape)}")
+    model.set_state_dict(state_dict)
+    return model
+
+
+def get_rng_state():
+    """The states of Python's, numpy's and Paddle's global generators, for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "paddle": paddle.get_rng_state()}
+
+
+def set_rng_state(state):
+    """Restore what `get_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    paddle.set_rng_state(state["paddle"])
