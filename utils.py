@@ -167,27 +167,45 @@ def bn_update(loader, model, distributed=False):
     return total
 
 
-def _all_reduce_statistics(stats, seen):
-    """Replace each rank's averages by the sample-weighted average over all ranks.
+def _all_reduce_sum(tensors):
+    """Sums over all ranks of float64 copies of `tensors`, in one collective.
 
-    Sums are formed and reduced in float64 in one flat buffer, so every rank computes the
-    same values from the same reduced sums.
+    Every rank receives the same sums, so values derived from them agree bit for bit.
     """
     import paddle.distributed as dist
 
+    flat = paddle.concat([t.astype("float64").flatten() for t in tensors])
+    dist.all_reduce(flat)
+    sizes = [int(np.prod(t.shape)) for t in tensors]
+    return [part.reshape(t.shape) for part, t in zip(paddle.split(flat, sizes), tensors)]
+
+
+def _all_reduce_statistics(stats, seen):
+    """Replace each rank's averages by the sample-weighted average over all ranks."""
     with paddle.no_grad():
-        flat = paddle.concat([t.astype("float64").flatten() * seen for t in stats]
-                             + [paddle.full([1], seen, dtype="float64")])
-        dist.all_reduce(flat)
-        total = int(round(float(flat[-1])))
+        weighted = [t.astype("float64") * seen for t in stats]
+        *sums, total = _all_reduce_sum(weighted + [paddle.full([1], seen, dtype="float64")])
+        total = int(round(float(total)))
         if total:
-            offset = 0
-            for t in stats:
-                size = int(np.prod(t.shape))
-                value = (flat[offset:offset + size] / total).reshape(t.shape)
-                paddle.assign(value.astype(t.dtype), output=t)
-                offset += size
+            for t, s in zip(stats, sums):
+                paddle.assign((s / total).astype(t.dtype), output=t)
     return total
+
+
+def sync_bn_statistics(model):
+    """Set every rank's BatchNorm running statistics to their mean over all ranks.
+
+    In data-parallel training each rank's running statistics follow its own batches, so
+    the ranks' copies of the model differ there (and only there). Call this on every rank
+    before evaluating a sharded test set or averaging, so all ranks hold the same model.
+    """
+    import paddle.distributed as dist
+
+    stats = [t for layer in _batch_norm_layers(model) for t in (layer._mean, layer._variance)]
+    if stats:
+        with paddle.no_grad():
+            for t, s in zip(stats, _all_reduce_sum(stats)):
+                paddle.assign((s / dist.get_world_size()).astype(t.dtype), output=t)
 
 
 # --------------------------------------------------------------------------- SWA state
@@ -223,25 +241,33 @@ class SWA:
         for p in self.model.parameters():
             p.stop_gradient = True
         self.n = 0
+        # Whether the BatchNorm statistics are those of the current average (bn_update ran
+        # after the last update), or only the average of the models' statistics.
+        self.bn_updated = False
 
     def update(self, model):
         """Add `model` to the equal-weight average. Returns the new count."""
         moving_average(self.model, model, 1.0 / (self.n + 1))
         self.n += 1
+        self.bn_updated = False
         return self.n
 
     def bn_update(self, loader, distributed=False):
         """Recompute the average's BatchNorm statistics; see `bn_update`."""
-        return bn_update(loader, self.model, distributed=distributed)
+        seen = bn_update(loader, self.model, distributed=distributed)
+        self.bn_updated = True
+        return seen
 
     def state_dict(self):
-        """The average and its count, under the original checkpoint's key names."""
-        return {"swa_state_dict": self.model.state_dict(), "swa_n": self.n}
+        """The average, its count (the original checkpoint's key names) and `swa_bn_updated`."""
+        return {"swa_state_dict": self.model.state_dict(), "swa_n": self.n,
+                "swa_bn_updated": self.bn_updated}
 
     def set_state_dict(self, state):
         """Restore what `state_dict` returned; ValueError if the average does not fit the model."""
         load_weights(self.model, state["swa_state_dict"])
         self.n = int(state["swa_n"])
+        self.bn_updated = bool(state.get("swa_bn_updated", False))
 
 
 # --------------------------------------------------------------------------- schedules
@@ -285,7 +311,8 @@ def piecewise_linear_lr(epoch, lr_init, epochs, swa_start=None, swa_lr=None):
 
 # --------------------------------------------------------------------------- train / eval
 
-def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, totals=None):
+def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, totals=None,
+              keep_logits=False):
     """One pass over `batches`: trains when `optimizer` is given, otherwise evaluates.
 
     Training uses cross-entropy, model.train() and one optimizer step per batch;
@@ -302,21 +329,26 @@ def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, t
         distributed: if True, the sums are all-reduced, so every rank returns the metrics
             over all ranks' data.
         totals: sums from an interrupted pass to continue from (as returned).
+        keep_logits: also return this process's outputs and labels as numpy arrays.
 
     Returns:
         dict with `loss` (mean cross-entropy), `accuracy` (percent), `count` (samples),
-        `steps` (batches run in this call) and the raw sums `loss_sum`, `correct`.
+        `steps` (batches run in this call), the raw sums `loss_sum`, `correct`, and with
+        keep_logits, `logits` and `labels`.
 
     Example:
         >>> run_epoch(test_batches, model)["accuracy"]
         93.2
     """
     training = optimizer is not None
-    model.train() if training else model.eval()
+    if training:
+        model.train()
+    else:
+        model.eval()
     sums = dict(loss_sum=0.0, correct=0, count=0)
     if totals:
         sums.update({key: totals[key] for key in sums})
-    steps = 0
+    steps, kept = 0, []
     with paddle.set_grad_enabled(training):
         for step, (x, y) in enumerate(batches):
             logits = model(x)
@@ -333,13 +365,19 @@ def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, t
             sums["correct"] += int((logits.argmax(axis=1) == y.reshape([-1])).sum())
             sums["count"] += size
             steps += 1
+            if keep_logits:
+                kept.append((logits.numpy(), y.numpy().reshape(-1)))
             if on_step is not None and on_step(step, sums):
                 break
     if distributed:
         sums = _all_reduce_sums(sums)
     count = max(sums["count"], 1)
-    return dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
-                steps=steps)
+    result = dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
+                  steps=steps)
+    if keep_logits:
+        result["logits"] = np.concatenate([k[0] for k in kept]) if kept else np.zeros((0, 0))
+        result["labels"] = np.concatenate([k[1] for k in kept]) if kept else np.zeros(0, np.int64)
+    return result
 
 
 def _all_reduce_sums(sums):

@@ -1,0 +1,396 @@
+"""Datasets from their official files, held in memory as uint8, and a fast batch loader.
+
+    >>> data = load_dataset("CIFAR10", "./data")   # reads ./data/cifar-10-python.tar.gz
+    >>> train = Batches(data.train, 128, data.mean, data.std, shuffle=True,
+    ...                 augment=data.augment, seed=1)
+    >>> for x, y in train(epoch=0): ...
+
+Batches are assembled with numpy, a whole batch at a time (crop and flip are one gather),
+so loading runs far faster than training on a CPU. The order and the augmentation of an
+epoch are a pure function of (seed, epoch): an interrupted epoch can be resumed at any
+batch, and sharding over processes does not change what a sample looks like.
+"""
+import contextlib
+import gzip
+import io
+import os
+import pickle
+import tarfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DIGITS_FILE = os.path.join(HERE, "data", "digits.npz")
+
+
+class DataError(Exception):
+    """Data that cannot be loaded; the message names the files and what to do."""
+
+
+@dataclass
+class ArrayDataset:
+    images: np.ndarray   # uint8, (N, H, W, C)
+    labels: np.ndarray   # int64, (N,)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Augment:
+    pad: int = 0         # random crop of the image zero-padded by `pad` pixels on each side
+    flip: bool = False   # random horizontal flip
+
+
+@dataclass
+class Data:
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    mean: np.ndarray     # per channel, of the training images scaled to [0, 1]
+    std: np.ndarray
+    augment: Augment
+
+    @property
+    def image_shape(self):
+        """(C, H, W) of one input image."""
+        height, width, channels = self.train.images.shape[1:]
+        return channels, height, width
+
+
+# --------------------------------------------------------------------------- file formats
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batches (dicts of lists, bytes and numpy arrays) and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes in a protocol-2 pickle
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(raw, label_key):
+    batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(batch[label_key], dtype=np.int64)
+
+
+def read_cifar(source, members, label_key):
+    """Images and labels from CIFAR python batches in a .tar.gz or an extracted folder.
+
+    Args:
+        source: the official tarball or the folder it extracts to.
+        members: batch names inside it (e.g. ["data_batch_1", ...]).
+        label_key: b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100).
+    """
+    parts = []
+    if os.path.isdir(source):
+        for member in members:
+            with open(os.path.join(source, member), "rb") as f:
+                parts.append(_cifar_batch(f.read(), label_key))
+    else:
+        with tarfile.open(source, "r:gz") as tar:
+            by_name = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            for member in members:
+                if member not in by_name:
+                    raise DataError(f"{source} has no member {member}: not the official archive")
+                parts.append(_cifar_batch(tar.extractfile(by_name[member]).read(), label_key))
+    return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def read_idx(path):
+    """A numpy array from an idx file (MNIST's format), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: {data.size} of {int(np.prod(shape))} values")
+    return data.reshape(shape)
+
+
+# --------------------------------------------------------------------------- datasets
+
+def _paddle_cache(module):
+    return os.path.join(os.path.expanduser("~"), ".cache", "paddle", "dataset", module)
+
+
+def _candidates(data_path, subdirs, module):
+    """Folders searched for a dataset: --data_path, its per-dataset subfolders, Paddle's cache."""
+    return [data_path] + [os.path.join(data_path, s) for s in subdirs] + [_paddle_cache(module)]
+
+
+def _find(folders, names):
+    """The first folder holding any of `names` (tried in order), as a path, or None."""
+    for folder in folders:
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def _paddle_download(cls_name):
+    """Try Paddle's standard download into its cache, quietly; True if it worked."""
+    import paddle.vision.datasets as pd
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            getattr(pd, cls_name)(mode="test", download=True)
+            getattr(pd, cls_name)(mode="train", download=True)
+        return True
+    except Exception:
+        return False
+
+
+CIFAR = {
+    "CIFAR10": dict(archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    label_key=b"labels", paddle="Cifar10", classes=10),
+    "CIFAR100": dict(archive="cifar-100-python.tar.gz", folder="cifar-100-python",
+                     train=["train"], test=["test"], label_key=b"fine_labels",
+                     paddle="Cifar100", classes=100),
+}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX = {
+    "MNIST": dict(subdirs=["mnist", "MNIST/raw"], module="mnist", paddle="MNIST"),
+    "FashionMNIST": dict(subdirs=["fashionmnist", "FashionMNIST/raw", "fashion-mnist"],
+                         module="fashion-mnist", paddle="FashionMNIST"),
+}
+AUGMENT = {"CIFAR10": Augment(pad=4, flip=True), "CIFAR100": Augment(pad=4, flip=True),
+           "MNIST": Augment(), "FashionMNIST": Augment(), "digits": Augment(pad=1)}
+
+
+def names():
+    """Dataset names accepted by `load_dataset` (case-insensitive)."""
+    return ["CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "digits"]
+
+
+def canonical_name(name):
+    """The listed spelling of dataset `name`; DataError listing the valid names."""
+    by_lower = {n.lower(): n for n in names()}
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in by_lower:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
+    return by_lower[key]
+
+
+def _load_cifar(name, data_path, download):
+    spec = CIFAR[name]
+    folders = _candidates(data_path, [name.lower()], "cifar")
+    source = _find(folders, [spec["archive"], spec["folder"]])
+    if source is None and download and _paddle_download(spec["paddle"]):
+        source = _find(folders, [spec["archive"]])
+    if source is None:
+        raise DataError(f"{name} not found: put the official {spec['archive']} (or its "
+                        f"extracted {spec['folder']}/) in {data_path!r} or pass --data_path; "
+                        "Paddle's download failed or was disabled")
+    try:
+        train = read_cifar(source, spec["train"], spec["label_key"])
+        test = read_cifar(source, spec["test"], spec["label_key"])
+    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
+        raise DataError(f"{source} is unreadable or not the official {name} file "
+                        f"({type(e).__name__}: {e}); download it again") from None
+    return train, test, spec["classes"]
+
+
+def _load_idx(name, data_path, download):
+    spec = IDX[name]
+    folders = _candidates(data_path, spec["subdirs"], spec["module"])
+
+    def locate():
+        for folder in folders:
+            found = {}
+            for key, base in IDX_FILES.items():
+                path = _find([folder], [base + ".gz", base])
+                if path:
+                    found[key] = path
+            if len(found) == len(IDX_FILES):
+                return found
+        return None
+
+    files = locate()
+    if files is None and download and _paddle_download(spec["paddle"]):
+        files = locate()
+    if files is None:
+        wanted = ", ".join(base + ".gz" for base in IDX_FILES.values())
+        raise DataError(f"{name} not found: put the official {wanted} in {data_path!r} "
+                        "or pass --data_path; Paddle's download failed or was disabled")
+    try:
+        arrays = {key: read_idx(path) for key, path in files.items()}
+    except (OSError, EOFError) as e:
+        raise DataError(f"{name} files in {os.path.dirname(files['train_images'])} are "
+                        f"unreadable ({type(e).__name__}: {e}); download them again") from None
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
+                            "hold different numbers of examples")
+    split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
+             for s in ("train", "test")}
+    return split["train"], split["test"], 10
+
+
+def _load_digits():
+    with np.load(DIGITS_FILE) as f:
+        # Pixels are counts 0..16; scale to 0..255 so every dataset shares one uint8 path.
+        train, test = (ArrayDataset((f[f"{s}_images"].astype(np.uint16) * 255 // 16)
+                                    .astype(np.uint8)[..., None], f[f"{s}_labels"].astype(np.int64))
+                       for s in ("train", "test"))
+    return train, test, 10
+
+
+def channel_statistics(images):
+    """Per-channel mean and std of uint8 images scaled to [0, 1], from 256-bin histograms
+    (exact, and without a float copy of the whole dataset)."""
+    levels = np.arange(256) / 255.0
+    mean, std = [], []
+    for c in range(images.shape[-1]):
+        counts = np.bincount(images[..., c].ravel(), minlength=256)
+        m = counts @ levels / counts.sum()
+        mean.append(m)
+        std.append(np.sqrt(counts @ (levels - m) ** 2 / counts.sum()))
+    return np.array(mean, np.float32), np.maximum(np.array(std, np.float32), 1e-3)
+
+
+def load_dataset(name, data_path="data", download=True):
+    """Load dataset `name` (case-insensitive) into memory.
+
+    Args:
+        name: CIFAR10, CIFAR100, MNIST, FashionMNIST or digits.
+        data_path: folder holding the official files (also searched: its subfolder named
+            after the dataset, torchvision's layout, and Paddle's cache).
+        download: if the files are absent, try Paddle's standard download first.
+
+    Returns:
+        A `Data` with uint8 train/test arrays, class count, normalisation and augmentation.
+
+    Raises:
+        DataError: unknown name, files missing or unreadable (the message names them).
+    """
+    name = canonical_name(name)
+    if name in CIFAR:
+        train, test, classes = _load_cifar(name, data_path, download)
+    elif name in IDX:
+        train, test, classes = _load_idx(name, data_path, download)
+    else:
+        train, test, classes = _load_digits()
+    mean, std = channel_statistics(train.images)
+    return Data(name, train, test, classes, mean, std, AUGMENT[name])
+
+
+# --------------------------------------------------------------------------- batches
+
+class Batches:
+    """Callable giving the batches of one epoch as paddle tensors `(x, y)`.
+
+    Args:
+        dataset: an ArrayDataset.
+        batch_size: samples per batch (per process when sharded).
+        mean, std: per-channel normalisation of images scaled to [0, 1].
+        shuffle: a new order every epoch (a function of seed and epoch).
+        augment: an Augment (random crop / flip), or None.
+        seed: base seed of the order and the augmentation.
+        rank, world_size: this process's shard of every epoch.
+        even_shards: pad the order (repeating samples) so every rank runs the same number of
+            batches, as data-parallel training needs; without it each sample is seen exactly
+            once over all ranks, as evaluation and the BatchNorm refresh need.
+        num_workers: background threads assembling batches ahead (0: in the caller).
+
+    Example:
+        >>> for x, y in batches(epoch=3, start=10): ...   # epoch 3 from its 11th batch
+    """
+
+    def __init__(self, dataset, batch_size, mean, std, shuffle=False, augment=None, seed=0,
+                 rank=0, world_size=1, even_shards=False, num_workers=0):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+        self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+        self.shuffle, self.augment, self.seed = shuffle, augment or Augment(), seed
+        self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
+        self.num_workers = num_workers
+
+    def shard_size(self):
+        n = len(self.dataset)
+        if self.even_shards:
+            return -(-n // self.world_size)
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self):
+        return -(-self.shard_size() // self.batch_size)
+
+    def plan(self, epoch, stream=0):
+        """Sample indices of this rank and per-sample crop offsets and flips for `epoch`.
+
+        `stream` selects an independent draw for the same epoch (e.g. for a BatchNorm
+        refresh pass that should not repeat the training order).
+        """
+        n = len(self.dataset)
+        rng = np.random.default_rng([self.seed, epoch, stream])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        pad = self.augment.pad
+        offsets = rng.integers(0, 2 * pad + 1, size=(n, 2)) if pad else None
+        flips = rng.random(n) < 0.5 if self.augment.flip else None
+        if self.even_shards:
+            total = self.shard_size() * self.world_size
+            order = np.resize(order, total)  # repeats the start of the order, like DistributedSampler
+        return order[self.rank::self.world_size], offsets, flips
+
+    def assemble(self, plan, step):
+        """Batch `step` of `plan` as float32 NCHW images and int64 labels (numpy)."""
+        order, offsets, flips = plan
+        idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+        images = self.dataset.images
+        _, height, width, _ = images.shape
+        if offsets is not None or flips is not None:
+            pad = self.augment.pad
+            rows = np.arange(height)[None, :] + (offsets[idx, 0:1] if pad else 0)
+            cols = np.broadcast_to(np.arange(width)[None, :], (len(idx), width))
+            if flips is not None:
+                cols = np.where(flips[idx, None], width - 1 - cols, cols)
+            if pad:
+                cols = cols + offsets[idx, 1:2]
+                source = np.pad(images[idx], ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+            else:
+                source = images[idx]
+            batch = source[np.arange(len(idx))[:, None, None], rows[:, :, None], cols[:, None, :]]
+        else:
+            batch = images[idx]
+        x = batch.astype(np.float32) * self.scale - self.shift
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), self.dataset.labels[idx]
+
+    def __call__(self, epoch=0, start=0, stream=0):
+        """Iterate over the batches of `epoch` from batch `start` on."""
+        import paddle
+
+        plan = self.plan(epoch, stream)
+        steps = range(start, len(self))
+        if self.num_workers <= 0:
+            arrays = (self.assemble(plan, step) for step in steps)
+            for x, y in arrays:
+                yield paddle.to_tensor(x), paddle.to_tensor(y)
+            return
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            ahead = deque()
+            for step in steps:
+                ahead.append(pool.submit(self.assemble, plan, step))
+                if len(ahead) > 2 * self.num_workers:
+                    x, y = ahead.popleft().result()
+                    yield paddle.to_tensor(x), paddle.to_tensor(y)
+            while ahead:
+                x, y = ahead.popleft().result()
+                yield paddle.to_tensor(x), paddle.to_tensor(y)

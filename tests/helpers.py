@@ -1,0 +1,101 @@
+"""Shared test helpers: running the scripts as a user would, and tiny official-format data."""
+import gzip
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args, timeout=300, env=None):
+    """Run `python <script> args...` from the repository root; returns CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_cifar10(folder, per_batch=20, seed=0, extracted=False):
+    """The official cifar-10-python.tar.gz layout with `per_batch` images per batch."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        batches[name] = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                         b"data": images, b"filenames": [b"x.png"] * per_batch}
+    _write_tar(folder, "cifar-10-python.tar.gz", "cifar-10-batches-py", batches, extracted)
+    return batches
+
+
+def write_cifar100(folder, count=30, seed=0):
+    rng = np.random.default_rng(seed)
+    batches = {name: {b"fine_labels": rng.integers(0, 100, count).tolist(),
+                      b"coarse_labels": rng.integers(0, 20, count).tolist(),
+                      b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+               for name in ("train", "test")}
+    _write_tar(folder, "cifar-100-python.tar.gz", "cifar-100-python", batches, False)
+    return batches
+
+
+def _write_tar(folder, archive, inner, batches, extracted):
+    os.makedirs(folder, exist_ok=True)
+    if extracted:
+        os.makedirs(os.path.join(folder, inner), exist_ok=True)
+        for name, batch in batches.items():
+            with open(os.path.join(folder, inner, name), "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+        return
+    with tarfile.open(os.path.join(folder, archive), "w:gz") as tar:
+        for name, batch in batches.items():
+            raw = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"{inner}/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def _idx(array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder, train=40, test=20, seed=0):
+    """The four official MNIST idx .gz files."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, test),
+    }
+    for name, array in arrays.items():
+        with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
+            f.write(_idx(array))
+    return arrays
+
+
+def snapshot_dir(path):
+    """{relative file name: bytes} of everything in `path`, to show nothing was changed."""
+    out = {}
+    for base, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(base, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+def one_line_error(result, *fragments):
+    """Assert exit code 2 and a single stderr line (no traceback) containing `fragments`."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
