@@ -1,0 +1,72 @@
+"""Run train.py and interrupt it at a chosen point (test helper, not part of the project).
+
+    python tests/interrupt.py <point> <n> <signal> train.py-args...
+
+point: "step" (while preparing the n-th training batch of the run), "save" (during the
+n-th checkpoint write, after half the file is on disk), or "bn" (after the first batch of
+the n-th BatchNorm refresh). signal: KILL or TERM.
+"""
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import runtime  # noqa: E402,F401  (before paddle, as the entry scripts do)
+import paddle  # noqa: E402
+
+import data  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+
+point, target, signame = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.argv = ["train.py"] + sys.argv[4:]
+calls = {"n": 0}
+
+
+def hit():
+    calls["n"] += 1
+    if calls["n"] == target:
+        os.kill(os.getpid(), getattr(signal, "SIG" + signame))
+        return True
+    return False
+
+
+if point == "step":
+    assemble = data.Batches.assemble
+
+    def counted_assemble(self, plan, step):
+        if self.even_shards:  # the training loader
+            hit()
+        return assemble(self, plan, step)
+
+    data.Batches.assemble = counted_assemble
+elif point == "save":
+    real_save = paddle.save
+
+    def half_save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if calls["n"] + 1 == target:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+        hit()
+
+    paddle.save = half_save
+elif point == "bn":
+    real_bn_update = utils.bn_update
+
+    def dying_bn_update(loader, model, distributed=False):
+        def batches():
+            for i, batch in enumerate(loader):
+                if i == 1 and calls["n"] == target:
+                    os.kill(os.getpid(), getattr(signal, "SIG" + signame))
+                yield batch
+        calls["n"] += 1
+        return real_bn_update(batches(), model, distributed)
+
+    utils.bn_update = dying_bn_update
+else:
+    raise SystemExit(f"unknown point {point}")
+
+sys.exit(train.main())

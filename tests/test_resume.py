@@ -1,0 +1,92 @@
+"""Nothing lost: exact resume after kills and signals, safe checkpoints, NaN stops, seeds."""
+import os
+
+import numpy as np
+import pytest
+
+import utils
+from helpers import run_script
+
+RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "6", "--swa", "--swa_start", "3",
+       "--swa_lr", "0.05", "--save_freq", "1", "--eval_freq", "2"]
+
+
+def _weights(run_dir, epoch=6):
+    ckpt = utils.load_checkpoint(str(run_dir / f"checkpoint-{epoch}.pdparams"))
+    return {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
+            for key, value in ckpt[part].items()}
+
+
+def _metrics(run_dir):
+    # Every column but the wall time.
+    return [line.rsplit(",", 1)[0] for line in (run_dir / "metrics.csv").read_text().splitlines()]
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("resume") / "whole"
+    result = run_script("train.py", *RUN, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_same_seed_twice_gives_identical_weights(uninterrupted, tmp_path):
+    result = run_script("train.py", *RUN, "--dir", tmp_path / "again")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_identical(_weights(uninterrupted), _weights(tmp_path / "again"))
+    other = run_script("train.py", *RUN, "--seed", "2", "--dir", tmp_path / "seed2")
+    assert other.returncode == 0
+    assert not np.array_equal(_weights(uninterrupted)["swa_state_dict/fc.weight"],
+                              _weights(tmp_path / "seed2")["swa_state_dict/fc.weight"])
+
+
+@pytest.mark.parametrize("point, nth, sig, extra", [
+    ("step", 25, "KILL", []),                       # mid-epoch 3, while preparing a batch
+    ("save", 3, "KILL", []),                        # half of checkpoint-2 on disk
+    ("bn", 2, "KILL", []),                          # inside the second BatchNorm refresh
+    ("step", 30, "TERM", ["--num_workers", "2"]),   # graceful stop mid-epoch, worker threads
+    ("bn", 1, "INT", []),                           # Ctrl-C during a refresh
+])
+def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, point, nth, sig, extra):
+    run_dir = tmp_path / "run"
+    killed = run_script(os.path.join("tests", "interrupt.py"), point, nth, sig, *RUN, *extra,
+                        "--dir", run_dir)
+    expected_code = {"KILL": -9, "TERM": 143, "INT": 130}[sig]
+    assert killed.returncode == expected_code, killed.stderr[-2000:]
+    if sig != "KILL":
+        message = killed.stderr.strip().splitlines()[-1]
+        assert "--resume auto" in message and "saved" in message
+    for name in os.listdir(run_dir):  # every checkpoint left behind loads
+        if name.endswith(".pdparams"):
+            utils.load_checkpoint(str(run_dir / name))
+    assert not (run_dir / "checkpoint-6.pdparams").exists()
+
+    resumed = run_script("train.py", *RUN, *extra, "--dir", run_dir, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    _assert_identical(_weights(uninterrupted), _weights(run_dir))
+    assert _metrics(run_dir) == _metrics(uninterrupted)
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+
+
+def test_nan_loss_stops_at_once_and_keeps_checkpoints(tmp_path):
+    run_dir = tmp_path / "nan"
+    result = run_script("train.py", *RUN, "--lr_init", "1e5", "--dir", run_dir)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "loss became nan at epoch 1 step" in message and "Traceback" not in result.stderr
+    ckpt = utils.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))
+    assert all(np.isfinite(v.numpy()).all() for v in ckpt["state_dict"].values())
+    assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams")) == ["checkpoint-0.pdparams"]
+
+
+def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):
+    result = run_script("train.py", *RUN, "--dir", tmp_path / "fresh", "--resume", "auto")
+    assert result.returncode == 0 and "resuming" not in result.stdout
+    _assert_identical(_weights(uninterrupted), _weights(tmp_path / "fresh"))
