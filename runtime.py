@@ -77,14 +77,14 @@ class DeviceError(ValueError):
     """The requested device is not available."""
 
 
-def select_device(choice, local_rank=0):
+def select_device(choice, gpu_id=0):
     """Set Paddle's device from --device (auto/cpu/gpu) and return "cpu" or "gpu"."""
     if choice == "gpu" and not has_gpu():
         raise DeviceError("--device gpu: this Paddle has no usable GPU (install the "
                           "paddlepaddle-gpu wheel for your CUDA from Paddle's install guide), "
                           "or use --device cpu")
     kind = "gpu" if choice == "gpu" or (choice == "auto" and has_gpu()) else "cpu"
-    paddle.set_device(f"gpu:{local_rank}" if kind == "gpu" else "cpu")
+    paddle.set_device(f"gpu:{gpu_id}" if kind == "gpu" else "cpu")
     return kind
 
 
@@ -95,6 +95,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    gpu_id: int = 0                 # the GPU the launcher gave this process
 
     @property
     def enabled(self):
@@ -112,4 +113,5 @@ def distributed_from_env():
     rank = int(env.get("PADDLE_TRAINER_ID", "0"))
     local_world = int(env.get("PADDLE_LOCAL_SIZE", env.get("PADDLE_NPROC_PER_NODE", "1")) or 1)
     local_rank = int(env.get("PADDLE_LOCAL_RANK", env.get("PADDLE_RANK_IN_NODE", "0")) or 0)
-    return Distributed(rank, world, local_rank, max(1, min(local_world, world)))
+    gpu_id = int(env.get("FLAGS_selected_gpus", str(local_rank)).split(",")[0])
+    return Distributed(rank, world, local_rank, max(1, min(local_world, world)), gpu_id)

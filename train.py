@@ -273,11 +273,11 @@ class StopFlag:
         if not distributed:
             return self.signal is not None
         # Every rank must stop at the same step or the next gradient all-reduce hangs.
-        flag = paddle.to_tensor([1.0 if self.signal is not None else 0.0])
+        flag = paddle.to_tensor(1.0 if self.signal is not None else 0.0)
         dist.all_reduce(flag)
-        if float(flag) > 0 and self.signal is None:
-            self.signal = signal.SIGTERM
-        return float(flag) > 0
+        if flag.item() > 0 and self.signal is None:
+            self.signal = signal.SIGTERM  # another rank was signalled
+        return flag.item() > 0
 
 
 def evaluation_epoch(epoch, eval_freq, epochs):
@@ -349,7 +349,7 @@ def restore(path, model, optimizer, swa):
 def setup(args):
     """Build the run and restore --resume; returns (run, (epoch, step, partial sums))."""
     env = runtime.distributed_from_env()
-    device = runtime.select_device(args.device, env.local_rank)
+    device = runtime.select_device(args.device, env.gpu_id)
     cpu = runtime.tune_cpu(args.threads, args.model, env.local_world_size) if device == "cpu" else ""
     if args.batch_size % env.world_size:
         raise UsageError(f"--batch_size {args.batch_size} is the total over {env.world_size} "
@@ -357,6 +357,8 @@ def setup(args):
     if env.enabled:
         dist.init_parallel_env()
     resume_path = resolve_resume(args) if args.resume else None
+    if env.enabled:
+        dist.barrier()  # every rank has chosen its checkpoint before rank 0 writes one
     previous = check_dir(args, resume_path) if env.is_master else []
 
     ds = datasets.load_dataset(args.dataset, args.data_path, download=not args.no_download)

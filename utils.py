@@ -185,7 +185,7 @@ def _all_reduce_statistics(stats, seen):
     with paddle.no_grad():
         weighted = [t.astype("float64") * seen for t in stats]
         *sums, total = _all_reduce_sum(weighted + [paddle.full([1], seen, dtype="float64")])
-        total = int(round(float(total)))
+        total = int(round(total.item()))
         if total:
             for t, s in zip(stats, sums):
                 paddle.assign((s / total).astype(t.dtype), output=t)

@@ -99,3 +99,46 @@ def one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script_args, log_dir, nproc=1, nnodes=1, rank=None, port=None, timeout=300):
+    """Start `python -m paddle.distributed.launch ...` in its own process group (Popen)."""
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(log_dir),
+               "--nproc_per_node", str(nproc)]
+    if port is not None:
+        command += ["--master", f"127.0.0.1:{port}"]
+    if nnodes > 1:
+        command += ["--nnodes", str(nnodes), "--rank", str(rank)]
+    return start(command + list(script_args))
+
+
+def start(command, env=None):
+    """Popen `command` from the repository root in its own process group, output captured."""
+    return subprocess.Popen([str(a) for a in command], cwd=ROOT, env=dict(os.environ, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(processes, timeout=300):
+    """Wait for launched process groups; kill them all if one fails or time runs out."""
+    import signal
+    outputs = []
+    try:
+        for p in processes:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+            if p.returncode != 0:
+                raise AssertionError(f"launch exited {p.returncode}:\n{out[-3000:]}")
+        return outputs
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

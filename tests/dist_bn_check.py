@@ -1,0 +1,52 @@
+"""Launched on 2 processes: the distributed BatchNorm refresh against a single-process one.
+
+    python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_bn_check.py <out_dir>
+
+Each rank refreshes a SimpleCNN's statistics from its own shard (distributed=True); every
+rank also refreshes a copy alone over both shards' batches in sequence. Writes
+<out_dir>/rank<r>.npz with both results.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import runtime  # noqa: E402,F401
+
+import copy  # noqa: E402
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
+
+import models  # noqa: E402
+import utils  # noqa: E402
+
+dist.init_parallel_env()
+rank, world = dist.get_rank(), dist.get_world_size()
+rng = np.random.default_rng(0)
+images = (rng.standard_normal((203, 3, 12, 12)) * 1.7 + 0.4).astype("float32")
+shards = [images[r::world] for r in range(world)]  # 102 and 101 samples: ragged batches
+
+
+def batches(data, size=16):
+    return [paddle.to_tensor(data[i:i + size]) for i in range(0, len(data), size)]
+
+
+paddle.seed(3)
+model = models.build("SimpleCNN", num_classes=4, in_channels=3)
+alone = copy.deepcopy(model)
+seen = utils.bn_update(batches(shards[rank]), model, distributed=True)
+seen_alone = utils.bn_update([b for shard in shards for b in batches(shard)], alone)
+assert seen == seen_alone == 203, (seen, seen_alone)
+
+
+def stats(m):
+    return {f"{name}": p.numpy() for name, p in m.named_parameters() if name.endswith(("_mean", "_variance"))}
+
+
+os.makedirs(sys.argv[1], exist_ok=True)
+np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"),
+         **{"dist/" + k: v for k, v in stats(model).items()},
+         **{"alone/" + k: v for k, v in stats(alone).items()})
