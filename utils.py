@@ -25,6 +25,7 @@ import tempfile
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from paddle import _C_ops
 
 CHECKPOINT_FORMAT = "swa-paddle/1"
 # Keys of the original PyTorch code's checkpoints; every checkpoint has them.
@@ -63,7 +64,8 @@ def moving_average(swa_model, model, alpha):
     variance included (in Paddle they are non-trainable parameters). Averaged statistics
     are only an approximation of the statistics of the averaged weights, but a usable one
     for a caller who skips `bn_update`; `bn_update` replaces them with the exact values.
-    Other tensors (integer buffers) are copied from `model`.
+    Other tensors (integer buffers) are copied from `model`. `SWA.update` does the same
+    with one fused kernel call, faster for models with many small tensors.
 
     Args:
         swa_model: the running average (a Layer), updated in place.
@@ -77,16 +79,61 @@ def moving_average(swa_model, model, alpha):
         >>> moving_average(swa_model, model, 1.0 / (swa_n + 1)); swa_n += 1
     """
     with paddle.no_grad():
-        weight = None
-        for avg, new in _paired_state(swa_model, model):
-            if not avg.is_floating_point():
-                paddle.assign(new, output=avg)
-                continue
-            if weight is None or weight.dtype != avg.dtype:
-                weight = paddle.full([], alpha, dtype=avg.dtype)
-            # lerp_ reads both tensors once and writes avg once, with no temporary.
-            avg.lerp_(new, weight)
+        _lerp(_paired_state(swa_model, model), alpha)
     return swa_model
+
+
+def _lerp(pairs, alpha):
+    """avg <- avg + alpha * (new - avg) for each (avg, new) pair, in place."""
+    weights = {}
+    for avg, new in pairs:
+        if not avg.is_floating_point():
+            paddle.assign(new, output=avg)
+            continue
+        if avg.dtype not in weights:
+            weights[avg.dtype] = paddle.full([], alpha, dtype=avg.dtype)
+        # Through 1-D views: Paddle's lerp_ is ~9x slower on 4-D tensors than on the same
+        # memory seen as 1-D (measured on CPU), and it reads each input once, writes once.
+        avg.reshape([-1]).lerp_(new.reshape([-1]), weights[avg.dtype])
+
+
+class _FusedAverager:
+    """avg <- avg + alpha * (new - avg) for every tensor pair of two models in one kernel call.
+
+    Paddle has no multi-tensor lerp, but its multi-tensor momentum kernel computes, for all
+    tensors at once, v = mu * v + g + c * p (L2 decay c) and p = p - lr * v. With p the
+    average, g the new weights, mu = 0, c = -1 and lr = -alpha, that is v = g - p and
+    p + alpha * (g - p): the lerp, with the per-tensor dispatch cost paid once instead of
+    hundreds of times. `v` is scratch memory the size of the model, allocated once. Float32
+    tensors take this path; the rest, or a Paddle without the kernel, the per-tensor one.
+    """
+
+    def __init__(self, swa_model, model):
+        self.model = _unwrap(model)
+        pairs = _paired_state(swa_model, self.model)
+        fused = [(a, b) for a, b in pairs if a.dtype == paddle.float32]
+        self.rest = [(a, b) for a, b in pairs if a.dtype != paddle.float32]
+        self.avg = [a for a, _ in fused]
+        self.new = [b for _, b in fused]
+        self.scratch = [paddle.zeros_like(a) for a in self.avg] if self.avg else []
+        self.fused = bool(self.avg) and hasattr(_C_ops, "merged_momentum_")
+
+    def __call__(self, alpha):
+        with paddle.no_grad():
+            if self.fused:
+                try:
+                    count = len(self.avg)
+                    rate = paddle.full([1], -alpha, dtype="float32")
+                    _C_ops.merged_momentum_(self.avg, self.new, self.scratch, [rate] * count,
+                                            None, 0.0, False, ["l2_decay"] * count,
+                                            [-1.0] * count, False, 1.0)
+                except (TypeError, ValueError, RuntimeError):
+                    # The kernel's signature changed in this Paddle: it rejects the call
+                    # before touching any tensor, so the per-tensor path is still exact.
+                    self.fused = False
+            if not self.fused:
+                _lerp(list(zip(self.avg, self.new)), alpha)
+            _lerp(self.rest, alpha)
 
 
 # --------------------------------------------------------------------------- BatchNorm
@@ -244,10 +291,17 @@ class SWA:
         # Whether the BatchNorm statistics are those of the current average (bn_update ran
         # after the last update), or only the average of the models' statistics.
         self.bn_updated = False
+        self._averager = None
 
     def update(self, model):
-        """Add `model` to the equal-weight average. Returns the new count."""
-        moving_average(self.model, model, 1.0 / (self.n + 1))
+        """Add `model` to the equal-weight average. Returns the new count.
+
+        The pairing of tensors is cached for the model last given (see `moving_average`
+        for what is averaged).
+        """
+        if self._averager is None or self._averager.model is not _unwrap(model):
+            self._averager = _FusedAverager(self.model, model)
+        self._averager(1.0 / (self.n + 1))
         self.n += 1
         self.bn_updated = False
         return self.n

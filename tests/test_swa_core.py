@@ -203,3 +203,46 @@ def test_load_weights_refuses_another_architecture():
     with pytest.raises(ValueError, match="does not match"):
         utils.load_weights(models.build("SimpleCNN", num_classes=3),
                            models.build("SimpleCNN", num_classes=4).state_dict())
+
+
+def _run_updates(model_name, snapshots_rng, k=3, swa_factory=utils.SWA):
+    model = models.build(model_name, num_classes=3)
+    swa = swa_factory(model)
+    for _ in range(k):
+        _randomise(model, snapshots_rng)
+        swa.update(model)
+    return _snapshot(swa.model)
+
+
+def test_fused_update_equals_per_tensor_path_and_fallback(monkeypatch):
+    fused = _run_updates("PreResNet110", np.random.default_rng(5))
+    # Per-tensor reference: moving_average with the same weights.
+    rng = np.random.default_rng(5)
+    model = models.build("PreResNet110", num_classes=3)
+    reference = utils.SWA(model).model
+    for n in range(3):
+        _randomise(model, rng)
+        utils.moving_average(reference, model, 1.0 / (n + 1))
+    expected = _snapshot(reference)
+    for key in fused:
+        np.testing.assert_allclose(fused[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+    def broken(*args, **kwargs):
+        raise TypeError("merged_momentum_(): signature changed")
+
+    monkeypatch.setattr(utils._C_ops, "merged_momentum_", broken)
+    fallback = _run_updates("PreResNet110", np.random.default_rng(5))
+    for key in fused:
+        np.testing.assert_allclose(fallback[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_update_pairs_with_a_new_model_object():
+    a = models.build("SimpleCNN", num_classes=3)
+    b = models.build("SimpleCNN", num_classes=3)
+    _randomise(b, np.random.default_rng(9))
+    swa = utils.SWA(a)
+    swa.update(a)
+    swa.update(b)  # another object: must average b, not a again
+    for key, value in _snapshot(swa.model).items():
+        np.testing.assert_allclose(value, (_snapshot(a)[key] + _snapshot(b)[key]) / 2,
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
