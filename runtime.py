@@ -2,6 +2,7 @@
 
 Shared by train.py, eval.py and scripts/; none of it is needed to use the SWA core.
 """
+import ctypes
 import os
 import warnings
 from dataclasses import dataclass
@@ -12,20 +13,6 @@ from dataclasses import dataclass
 # before Paddle is first imported, so entry scripts import this module first.
 warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="When training, we now always track")
-
-import paddle  # noqa: E402
-
-# Models with few multiply-adds per image spend their time in per-op overhead; on the
-# machines we measured, one thread trains them faster than several (see README).
-SINGLE_THREAD_MODELS = {"SimpleCNN"}
-
-
-def available_cores():
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _cpu_vendor():
@@ -39,14 +26,71 @@ def _cpu_vendor():
     return ""
 
 
-def tune_cpu(threads=0, model_name=None, processes_per_machine=1):
-    """Choose the CPU thread count and math-library code path; returns a description.
+def prefer_fast_mkl_path():
+    """On AMD CPUs, make the MKL bundled with Paddle use its AVX2 kernels.
 
-    Must run before the first matrix product (MKL reads its environment when it first
-    loads). Paddle pins one thread unless told otherwise; this uses all cores available
-    to each process, except for models in SINGLE_THREAD_MODELS. On AMD CPUs the MKL
-    bundled with Paddle takes a slow generic path unless MKL_DEBUG_CPU_TYPE=5 selects its
-    AVX2 kernels (2-3x faster convolutions here); a value the user set is kept.
+    That MKL takes a slow generic path on non-Intel CPUs unless MKL_DEBUG_CPU_TYPE=5 is in
+    the environment when it loads (2-3x faster convolutions measured here). Setting it after
+    `import paddle` takes effect only sometimes (measured), so this runs when this module is
+    imported, before Paddle. A value the user set is kept; GPUs are unaffected.
+    """
+    if "MKL_DEBUG_CPU_TYPE" not in os.environ and _cpu_vendor() == "AuthenticAMD":
+        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+
+
+prefer_fast_mkl_path()
+import paddle  # noqa: E402
+
+# Threads per model, from runs on a 2-core AMD EPYC VM (train images/s, batch 64, medians of
+# 3-5 fresh processes): VGG16 28.9 on one thread vs 36.6 on two, reliably; PreResNet110
+# 39.5 vs 28.3; PreResNet164 24.0 vs anywhere from 17.8 to 28.6 (two threads suffer whenever
+# the host is busy; one thread does not); SimpleCNN's tiny convolutions lose to OpenMP's
+# overhead. The PreResNets get half the cores, SimpleCNN one, other models all of them.
+FEWER_THREADS = {"SimpleCNN": "one", "PreResNet110": "half", "PreResNet164": "half"}
+
+
+def auto_threads(model_name, cores):
+    """CPU threads for `model_name` on `cores` cores (see FEWER_THREADS); --threads overrides."""
+    rule = FEWER_THREADS.get(model_name)
+    if rule == "one":
+        return 1
+    if rule == "half":
+        return max(1, cores // 2)
+    return cores
+
+
+def keep_freed_memory():
+    """Stop glibc from returning freed tensor memory to the system; True if applied.
+
+    Tensors of a few MB are served by mmap and unmapped when freed, so every new
+    activation page-faults its memory in again: Paddle's elementwise ops (add, relu) then
+    run ~8x slower on CPU (measured: add of two 16 MB tensors 12 ms -> 1.5 ms). Raising the
+    mmap and trim thresholds keeps that memory in the process for reuse.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and
+                    libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False  # not glibc
+
+
+def available_cores():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def tune_cpu(threads=0, model_name=None, processes_per_machine=1):
+    """Set the CPU thread count and memory reuse; returns a description of the settings.
+
+    Paddle pins one thread unless told otherwise; this takes `auto_threads` of the cores
+    available to each process, and keeps freed memory for reuse (`keep_freed_memory`).
+    (The math-library code path is chosen when this module is imported: see
+    `prefer_fast_mkl_path`.)
 
     Args:
         threads: thread count; 0 picks one as above, unless OMP_NUM_THREADS > 1 was set.
@@ -57,13 +101,11 @@ def tune_cpu(threads=0, model_name=None, processes_per_machine=1):
         user = os.environ.get("OMP_NUM_THREADS", "1")
         if user.isdigit() and int(user) > 1:
             threads = int(user)
-        elif model_name in SINGLE_THREAD_MODELS:
-            threads = 1
         else:
-            threads = max(1, available_cores() // max(1, processes_per_machine))
-    if "MKL_DEBUG_CPU_TYPE" not in os.environ and _cpu_vendor() == "AuthenticAMD":
-        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+            cores = max(1, available_cores() // max(1, processes_per_machine))
+            threads = auto_threads(model_name, cores)
     paddle.base.core.set_num_threads(threads)
+    keep_freed_memory()
     path = os.environ.get("MKL_DEBUG_CPU_TYPE")
     return f"{threads} CPU thread{'s' if threads > 1 else ''}" + (
         f", MKL_DEBUG_CPU_TYPE={path}" if path else "")

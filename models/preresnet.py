@@ -2,6 +2,8 @@
 
 Depth 9n+2 uses bottleneck blocks (PreResNet-110: n=12, PreResNet-164: n=18); depth 6n+2
 below 44 uses basic blocks. Shortcuts that change shape are a bare 1x1 convolution.
+ReLUs and residual additions work in place, as in the original (same gradients, and on CPU
+fewer fresh allocations to fault in).
 """
 from paddle import nn
 import paddle.nn.functional as F
@@ -21,9 +23,9 @@ class BasicBlock(nn.Layer):
         self.shortcut = shortcut
 
     def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        out = self.conv1(F.relu_(self.bn1(x)))
+        out = self.conv2(F.relu_(self.bn2(out)))
+        return out.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 class Bottleneck(nn.Layer):
@@ -40,10 +42,10 @@ class Bottleneck(nn.Layer):
         self.shortcut = shortcut
 
     def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        out = self.conv1(F.relu_(self.bn1(x)))
+        out = self.conv2(F.relu_(self.bn2(out)))
+        out = self.conv3(F.relu_(self.bn3(out)))
+        return out.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 class PreResNet(nn.Layer):
@@ -77,7 +79,7 @@ class PreResNet(nn.Layer):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = F.relu(self.bn(x))
+        x = F.relu_(self.bn(x))
         # Global average pooling: the original's AvgPool2d(8) on CIFAR's 8x8 maps, and
         # still defined for other input sizes.
         x = F.adaptive_avg_pool2d(x, 1)

@@ -22,9 +22,9 @@ class WideBasic(nn.Layer):
             self.shortcut = conv2d(in_planes, planes, 1, stride=stride)
 
     def forward(self, x):
-        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        out = self.dropout(self.conv1(F.relu_(self.bn1(x))))
+        out = self.conv2(F.relu_(self.bn2(out)))
+        return out.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 class WideResNet(nn.Layer):
@@ -52,6 +52,6 @@ class WideResNet(nn.Layer):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = F.relu(self.bn1(x))
+        x = F.relu_(self.bn1(x))
         x = F.adaptive_avg_pool2d(x, 1)
         return self.linear(x.flatten(1))

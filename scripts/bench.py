@@ -1,0 +1,262 @@
+"""Benchmark swa-paddle on this machine (a benchmark, not a test).
+
+    python scripts/bench.py                       # a few minutes on 2 cores
+    python scripts/bench.py --models VGG16 --batch_size 128 --repeats 5
+
+Prints, with the machine and settings:
+  1. train and eval images/s per model: Paddle's defaults against train.py's automatic CPU
+     settings (each measured in a fresh process, since MKL reads its settings once);
+  2. one SWA averaging step against the numpy memory floor (a *= 1-alpha; a += alpha*b in
+     place over as many float32 values);
+  3. the BatchNorm refresh against one forward pass over the same images, and what an
+     intermediate SWA evaluation costs in epochs;
+  4. the data loader's images/s against training's;
+  5. SWA's own share of a whole run (averaging + final BatchNorm refresh), evaluated only
+     at the end, and the wall-clock difference of the same run with and without --swa.
+All times are medians of --repeats measurements.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
+
+
+def median_time(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synthetic_batch(batch_size, channels=3, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = paddle.to_tensor(rng.standard_normal((batch_size, channels, size, size)).astype("float32"))
+    return x, paddle.to_tensor(rng.integers(0, 10, batch_size))
+
+
+# --------------------------------------------------------------------------- workers
+
+def worker_speed(model_name, batch_size, repeats, settings):
+    """Train/eval images/s of one model in this (fresh) process; returns a dict."""
+    if settings == "tuned":
+        description = runtime.tune_cpu(0, model_name)
+    else:
+        description = "Paddle's defaults (1 thread, MKL's generic path)"
+    model = models.build(model_name)
+    optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
+    x, y = synthetic_batch(batch_size)
+    batches = [(x, y)]
+    train = median_time(lambda: utils.run_epoch(batches, model, optimizer), repeats)
+    evaluate = median_time(lambda: utils.run_epoch(batches, model), repeats)
+    has_bn = any(isinstance(layer, paddle.nn.layer.norm._BatchNormBase) for layer in model.sublayers())
+    refresh = median_time(lambda: utils.bn_update(batches, model), repeats) if has_bn else None
+    return {"settings": description, "train": batch_size / train, "eval": batch_size / evaluate,
+            "bn_refresh": batch_size / refresh if refresh else None}
+
+
+def worker_run(args_list):
+    """Run train.py in this process; time SWA's own work (averaging, BatchNorm refresh)."""
+    import train
+
+    spent = {"update": 0.0, "bn_update": 0.0}
+    for name in spent:
+        original = getattr(utils.SWA, name)
+
+        def timed(self, *a, _original=original, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _original(self, *a, **k)
+            finally:
+                spent[_name] += time.perf_counter() - start
+        setattr(utils.SWA, name, timed)
+    start = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        stdout, sys.stdout = sys.stdout, sink
+        try:
+            code = train.main(args_list)
+        finally:
+            sys.stdout = stdout
+    return {"code": code, "total": time.perf_counter() - start, **spent}
+
+
+def spawn(*worker_args, paddle_defaults=False):
+    """Run a worker of this script in a fresh process; returns its JSON result."""
+    env = dict(os.environ)
+    if paddle_defaults:
+        env["MKL_DEBUG_CPU_TYPE"] = ""  # set, so runtime keeps it; empty, so MKL ignores it
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *map(str, worker_args)],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- sections
+
+def machine():
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {runtime.available_cores()} cores; Python {platform.python_version()}, "
+            f"Paddle {paddle.__version__}, numpy {np.__version__}")
+
+
+def section_speed(names, batch_size, repeats, rounds):
+    print(f"\n1. Speed (synthetic 32x32x3 images, batch {batch_size}, images/s; each setting in "
+          f"{rounds} fresh processes, alternating, median)")
+    print(f"{'model':16s} {'setting':9s} {'train':>8s} {'eval':>8s} {'BN pass':>8s}")
+    results = {}
+    for name in names:
+        runs = {"defaults": [], "tuned": []}
+        for _ in range(rounds):
+            for settings in runs:
+                runs[settings].append(spawn("speed", name, batch_size, repeats, settings,
+                                            paddle_defaults=settings == "defaults"))
+        for settings, samples in runs.items():
+            r = dict(samples[0])
+            for key in ("train", "eval", "bn_refresh"):
+                r[key] = statistics.median(s[key] for s in samples) if r[key] else None
+            results[(name, settings)] = r
+            bn = f"{r['bn_refresh']:8.1f}" if r["bn_refresh"] else f"{'-':>8s}"
+            print(f"{name:16s} {settings:9s} {r['train']:8.1f} {r['eval']:8.1f} {bn}")
+        d, t = results[(name, "defaults")], results[(name, "tuned")]
+        print(f"{'':16s} {'speed-up':9s} {t['train'] / d['train']:7.2f}x {t['eval'] / d['eval']:7.2f}x"
+              f"   ({t['settings']})")
+    return results
+
+
+def section_averaging(names, repeats):
+    print("\n2. One SWA averaging step (train.py's settings) against the numpy floor")
+    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'SWA.update':>11s} {'moving_avg':>11s} "
+          f"{'floor':>9s} {'ratio':>6s}")
+    for name in names:
+        runtime.tune_cpu(0, name)
+        a = models.build(name)
+        swa = utils.SWA(a)
+        reference = models.build(name)
+        count = sum(int(p.numel()) for p in a.parameters())
+        fused = median_time(lambda: swa.update(a), repeats, warmup=2)
+        plain = median_time(lambda: utils.moving_average(reference, a, 0.1), repeats, warmup=2)
+        x, y, scratch = (np.ones(count, np.float32) for _ in range(3))
+
+        def floor():
+            np.multiply(x, 0.9, out=x)
+            np.multiply(y, 0.1, out=scratch)
+            np.add(x, scratch, out=x)
+        floor_time = median_time(floor, repeats, warmup=2)
+        print(f"{name:16s} {count:9d} {len(list(a.parameters())):7d} {fused * 1e3:8.2f} ms "
+              f"{plain * 1e3:8.2f} ms {floor_time * 1e3:6.2f} ms {fused / floor_time:6.2f}")
+
+
+def section_refresh(speed, names, train_size=50_000, test_size=10_000):
+    print(f"\n3. BatchNorm refresh against a forward pass (from 1.), and one intermediate SWA "
+          f"evaluation\n   (refresh over {train_size} training images + {test_size} test images) in "
+          "epochs of training")
+    for name in names:
+        r = speed[(name, "tuned")]
+        if not r["bn_refresh"]:
+            print(f"{name:16s} no BatchNorm: no refresh; one SWA evaluation = "
+                  f"{(test_size / r['eval']) / (train_size / r['train']):.3f} epochs")
+            continue
+        cost = train_size / r["bn_refresh"] + test_size / r["eval"]
+        epoch = train_size / r["train"]
+        print(f"{name:16s} refresh {r['bn_refresh']:8.1f} img/s vs eval forward {r['eval']:8.1f} img/s "
+              f"({r['eval'] / r['bn_refresh']:.2f}x the time); one SWA evaluation = "
+              f"{cost / epoch:.3f} epochs")
+
+
+def section_loader(speed, names, batch_size, repeats):
+    print("\n4. Data loader (50,000 CIFAR-sized uint8 images in memory, crop + flip, one thread)")
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
+                           rng.integers(0, 10, 50_000))
+    loader = data.Batches(ds, batch_size, [0.5] * 3, [0.25] * 3, shuffle=True,
+                          augment=data.Augment(pad=4, flip=True))
+    seconds = median_time(lambda: sum(1 for _ in loader(epoch=0)), repeats)
+    rate = len(ds) / seconds
+    fastest = max(speed[(n, "tuned")]["train"] for n in names)
+    print(f"loader {rate:,.0f} img/s (with conversion to Paddle tensors) vs fastest training "
+          f"above {fastest:,.0f} img/s: {rate / fastest:.1f}x")
+
+
+def section_run(repeats, epochs=60, swa_start=40):
+    print(f"\n5. SWA's share of a whole run: the quick start (train.py --dataset digits --model "
+          f"SimpleCNN --epochs {epochs} --swa --swa_start {swa_start} --swa_lr 0.05), the average "
+          "evaluated only at the end")
+    base = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", epochs, "--eval_freq", 1000,
+            "--save_freq", 1000]
+    swa_flags = ["--swa", "--swa_start", swa_start, "--swa_lr", 0.05]
+    runs = {"sgd": [], "swa": []}
+    for _ in range(repeats):
+        for kind in ("sgd", "swa"):
+            with tempfile.TemporaryDirectory() as tmp:
+                flags = base + (swa_flags if kind == "swa" else []) + ["--dir", os.path.join(tmp, "r")]
+                runs[kind].append(spawn("run", json.dumps([str(f) for f in flags])))
+    swa = runs["swa"]
+    own = statistics.median(r["update"] + r["bn_update"] for r in swa)
+    total = statistics.median(r["total"] for r in swa)
+    sgd_total = statistics.median(r["total"] for r in runs["sgd"])
+    print(f"averaging {statistics.median(r['update'] for r in swa) * 1e3:.1f} ms "
+          f"({epochs - swa_start + 1} updates) + final BatchNorm refresh "
+          f"{statistics.median(r['bn_update'] for r in swa) * 1e3:.1f} ms = {own * 1e3:.1f} ms of a "
+          f"{total:.2f} s run: {100 * own / total:.2f}%")
+    print(f"wall clock: --swa {total:.2f} s vs without {sgd_total:.2f} s "
+          f"({100 * (total - sgd_total) / sgd_total:+.1f}%, including the final SWA test pass "
+          "and run-to-run noise)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="VGG16,PreResNet110,PreResNet164,SimpleCNN",
+                   help="comma-separated zoo models (default: VGG16,PreResNet110,PreResNet164,SimpleCNN)")
+    p.add_argument("--batch_size", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per median (default: 3)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="fresh processes per model and setting in 1. (default: 2)")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "speed":
+            result = worker_speed(rest[0], int(rest[1]), int(rest[2]), rest[3])
+        else:
+            result = worker_run(json.loads(rest[0]))
+        print(json.dumps(result))
+        return 0
+    names = [models.canonical_name(n) for n in args.models.split(",")]
+    started = time.time()
+    print(f"swa-paddle benchmark: {machine()}")
+    print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
+          "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
+    speed = section_speed(names, args.batch_size, args.repeats, args.rounds)
+    section_averaging(names, args.repeats + 2)
+    section_refresh(speed, names)
+    section_loader(speed, names, args.batch_size, args.repeats)
+    section_run(args.repeats + 2)
+    print(f"\n(benchmark took {time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
