@@ -6,12 +6,12 @@ Flags are those of the original PyTorch code (timgaripov/swa), so its recipes ru
 unchanged. Under `python -m paddle.distributed.launch` it trains data-parallel.
 """
 import argparse
-import csv
 import glob
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +23,7 @@ import paddle.distributed as dist
 
 import data as datasets
 import models
+import report
 import utils
 
 EXAMPLES = """examples:
@@ -30,8 +31,8 @@ EXAMPLES = """examples:
   python train.py --dataset CIFAR100 --data_path data --model VGG16 --epochs 300 --lr_init 0.05 --wd 5e-4 --swa --swa_start 161 --swa_lr 0.01 --dir runs/vgg16
   python train.py --dir runs/vgg16 --resume auto ...same flags...   # continue an interrupted run
 """
-COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "te_loss", "te_acc", "swa_te_loss", "swa_te_acc", "time"]
-RUN_FILES = ["checkpoint-*.pdparams", "metrics.csv", "command.sh", "args.json"]
+RUN_FILES = ["checkpoint-*.pdparams", "metrics.csv", "command.sh", "args.json", "vdl",
+             "convergence.png"]
 
 
 class UsageError(Exception):
@@ -94,6 +95,8 @@ def build_parser():
     run.add_argument("--eval_freq", type=POSITIVE_INT, default=5, metavar="N",
                      help="evaluation frequency in epochs (default: 5)")
     run.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    run.add_argument("--no_visualdl", action="store_true",
+                     help="do not write VisualDL logs to DIR/vdl (default: write them)")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="CIFAR10",
@@ -192,7 +195,7 @@ def record_run(args, resume_path, previous):
     """Clear a run replaced by --overwrite and save the command line and resolved arguments."""
     if resume_path is None:
         for path in previous:
-            os.unlink(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     for stale in glob.glob(os.path.join(args.dir, "checkpoint-*.pdparams.*.tmp")):
         os.unlink(stale)  # left by a save that was killed; never a complete checkpoint
     command = " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
@@ -200,52 +203,6 @@ def record_run(args, resume_path, previous):
         f.write(("# resumed from " + resume_path + "\n" if resume_path else "") + command + "\n")
     with open(os.path.join(args.dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-
-
-class MetricsFile:
-    """metrics.csv in the run directory: one row per epoch, the table's columns."""
-
-    def __init__(self, directory, columns, keep_through_epoch):
-        self.path = os.path.join(directory, "metrics.csv")
-        self.columns = columns
-        rows = []
-        if keep_through_epoch and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["ep"]) <= keep_through_epoch]
-        # Rewritten whole, then renamed: rows of epochs a resumed run repeats are dropped.
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
-
-    def append(self, row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(
-                {k: ("" if v is None else v) for k, v in row.items()})
-
-
-# --------------------------------------------------------------------------- table
-
-def format_row(row, columns, header=False):
-    """One line of the per-epoch table; None prints as blank."""
-    cells = []
-    for column in columns:
-        value = column if header else row.get(column)
-        width = max(len(column), 8)
-        if value is None:
-            text = ""
-        elif header or column == "ep":
-            text = str(value)
-        elif column == "lr":
-            text = f"{value:.4g}"
-        elif column == "time":
-            text = f"{value:.1f}"
-        else:
-            text = f"{value:.4f}"
-        cells.append(text.rjust(width))
-    return "  ".join(cells)
 
 
 # --------------------------------------------------------------------------- training
@@ -311,7 +268,9 @@ class Run:
     net: paddle.nn.Layer            # the model as trained: DataParallel-wrapped when launched
     optimizer: paddle.optimizer.Optimizer
     swa: utils.SWA | None
-    metrics: MetricsFile | None     # rank 0 only
+    metrics: report.MetricsFile | None   # rank 0 only, like the two below
+    visualdl: report.VisualDLLog | None
+    progress: report.Progress | None
     columns: list
 
     def log(self, *args, **kwargs):
@@ -370,13 +329,16 @@ def setup(args):
     swa = utils.SWA(model) if args.swa else None
     start = restore(resume_path, model, optimizer, swa) if resume_path else (0, 0, None)
 
-    metrics = None
+    metrics = visualdl = progress = None
     if env.is_master:  # every check has passed: now --dir may change
         record_run(args, resume_path, previous)
-        metrics = MetricsFile(args.dir, COLUMNS, start[0])
+        metrics = report.MetricsFile(args.dir, start[0])
+        visualdl = None if args.no_visualdl else report.VisualDLLog(args.dir)
+        progress = report.Progress()
+    columns = report.COLUMNS if swa else report.COLUMNS[:6] + report.COLUMNS[-1:]
     run = Run(args, env, ds, make_loaders(ds, args.batch_size, args.seed, args.num_workers, env),
               model, paddle.DataParallel(model) if env.enabled else model,  # never the average
-              optimizer, swa, metrics, COLUMNS if swa else COLUMNS[:6] + COLUMNS[-1:])
+              optimizer, swa, metrics, visualdl, progress, columns)
     if not resume_path:
         run.save(0)
     run.log(f"{args.model} on {ds.name} ({len(ds.train)} train / {len(ds.test)} test), {device}"
@@ -389,14 +351,23 @@ def setup(args):
 
 def train(args):
     run, (start_epoch, start_step, partial) = setup(args)
-    with StopFlag() as stop:
-        return train_loop(run, start_epoch, start_step, partial, stop)
+    try:
+        with StopFlag() as stop:
+            code = train_loop(run, start_epoch, start_step, partial, stop)
+    finally:
+        if run.visualdl:
+            run.visualdl.close()
+    if code == 0 and run.env.is_master:
+        path = report.plot_runs([args.dir], os.path.join(args.dir, "convergence.png"))
+        run.log(f"plot: {path}" + ("" if args.no_visualdl else
+                                   f"; curves in VisualDL: visualdl --logdir {os.path.join(args.dir, 'vdl')}"))
+    return code
 
 
 def train_loop(run, start_epoch, start_step, partial, stop):
     """Epochs from `start_epoch` (batch `start_step`) to the end; returns the exit code."""
     args, env, swa = run.args, run.env, run.swa
-    run.log(format_row({}, run.columns, header=True))
+    run.log(report.format_row({}, run.columns, header=True))
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         if start_step == 0:
@@ -404,18 +375,31 @@ def train_loop(run, start_epoch, start_step, partial, stop):
         lr = utils.piecewise_linear_lr(epoch, args.lr_init, args.epochs,
                                        args.swa_start if swa else None, args.swa_lr)
         run.optimizer.set_lr(lr)
+        steps = len(run.loaders["train"])
+        if run.progress:
+            run.progress.start(epoch + 1, args.epochs, steps, start_step)
+
+        def on_step(step, sums, first=start_step):
+            if run.progress:
+                run.progress.update(first + step + 1, sums)
+            return stop.requested(env.enabled)
+
         try:
             tr = utils.run_epoch(run.loaders["train"](epoch, start_step), run.net, run.optimizer,
-                                 on_step=lambda step, sums: stop.requested(env.enabled),
-                                 distributed=env.enabled, totals=partial)
+                                 on_step=on_step, distributed=env.enabled, totals=partial)
         except utils.NonFiniteLoss as e:
             raise Diverged(f"loss became {e.value} at epoch {epoch + 1} step {start_step + e.step + 1}")
-        if start_step + tr["steps"] < len(run.loaders["train"]):
+        finally:
+            if run.progress:
+                run.progress.clear()
+        train_seconds = time.time() - started
+        if start_step + tr["steps"] < steps:
             return interrupted(run, epoch, start_step + tr["steps"], tr, stop.signal)
         start_step, partial = 0, None
         if env.enabled:
             utils.sync_bn_statistics(run.model)
-        row = {"ep": epoch + 1, "lr": lr, "tr_loss": tr["loss"], "tr_acc": tr["accuracy"]}
+        row = {"ep": epoch + 1, "lr": lr, "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
+               "img_s": tr["steps"] * args.batch_size / max(train_seconds, 1e-9)}
         evaluate = evaluation_epoch(epoch, args.eval_freq, args.epochs)
         if evaluate:
             te = utils.run_epoch(run.loaders["test"](), run.model, distributed=env.enabled)
@@ -430,9 +414,11 @@ def train_loop(run, start_epoch, start_step, partial, stop):
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
-        run.log(format_row(row, run.columns), flush=True)
+        run.log(report.format_row(row, run.columns), flush=True)
         if run.metrics:
             run.metrics.append(row)
+        if run.visualdl:
+            run.visualdl.add(row)
         if stop.signal is not None and epoch + 1 < args.epochs:
             return interrupted(run, epoch + 1, 0, None, stop.signal)
     return 0

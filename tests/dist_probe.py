@@ -16,6 +16,7 @@ import runtime  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 
+import report  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -26,7 +27,7 @@ record = {"saves": 0, "record_run": 0, "metrics_files": 0, "test_counts": []}
 captured = {}
 
 real_save, real_record, real_setup = utils.save_checkpoint, train.record_run, train.setup
-real_metrics_init, real_run_epoch = train.MetricsFile.__init__, utils.run_epoch
+real_metrics_init, real_run_epoch = report.MetricsFile.__init__, utils.run_epoch
 
 
 def counting_save(*args, **kwargs):
@@ -58,7 +59,7 @@ def counting_run_epoch(batches, model, optimizer=None, **kwargs):
 
 
 utils.save_checkpoint, train.record_run, train.setup = counting_save, counting_record, capturing_setup
-train.MetricsFile.__init__, utils.run_epoch = counting_metrics, counting_run_epoch
+report.MetricsFile.__init__, utils.run_epoch = counting_metrics, counting_run_epoch
 code = train.main()
 run = captured["run"]
 state = {f"sgd/{k}": v.numpy() for k, v in run.model.state_dict().items()}

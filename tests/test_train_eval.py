@@ -27,7 +27,8 @@ def digits_run(tmp_path_factory):
 def _table(stdout):
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["ep", "lr"])
-    return lines[header].split(), [line for line in lines[header + 1:] if line.strip()]
+    return lines[header].split(), [line for line in lines[header + 1:]
+                                   if line.split() and line.split()[0].isdigit()]
 
 
 def test_training_writes_table_checkpoints_and_command(digits_run):
@@ -40,7 +41,7 @@ def test_training_writes_table_checkpoints_and_command(digits_run):
     assert len(rows[2].split()) == 5            # epoch 3: no evaluation (eval_freq 2)
     names = sorted(os.listdir(run_dir))
     assert names == ["args.json", "checkpoint-0.pdparams", "checkpoint-2.pdparams",
-                     "checkpoint-4.pdparams", "command.sh", "metrics.csv"]
+                     "checkpoint-4.pdparams", "command.sh", "convergence.png", "metrics.csv", "vdl"]
     assert "--swa_start 3" in (run_dir / "command.sh").read_text()
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["model"] == "SimpleCNN" and saved["swa_start"] == 3
