@@ -293,6 +293,17 @@ def load_dataset(name, data_path="data", download=True):
     return Data(name, train, test, classes, mean, std, AUGMENT[name])
 
 
+def with_label_noise(dataset, fraction, num_classes, seed):
+    """A copy of `dataset` in which round(fraction * N) labels, chosen at random, are replaced
+    by another class chosen at random (reproducible from `seed`)."""
+    rng = np.random.default_rng([seed, 7919])  # a stream of its own, apart from batch order
+    labels = dataset.labels.copy()
+    chosen = rng.choice(len(labels), size=int(round(fraction * len(labels))), replace=False)
+    shift = rng.integers(1, num_classes, size=len(chosen))  # never 0: always another class
+    labels[chosen] = (labels[chosen] + shift) % num_classes
+    return ArrayDataset(dataset.images, labels)
+
+
 # --------------------------------------------------------------------------- batches
 
 class Batches:

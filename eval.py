@@ -78,22 +78,50 @@ def _setting(given, ckpt_args, key, default=None):
     return given if given is not None else (ckpt_args or {}).get(key, default)
 
 
-def evaluate(args):
-    ckpt = utils.load_checkpoint(args.model_path)
+def model_for(ckpt, path, model_name=None, dataset=None, data_path=None, device="auto", threads=0):
+    """Load the dataset and build the (empty) model a checkpoint was trained with.
+
+    Flags given override what the checkpoint says. Returns (model, data, model name).
+    """
     saved = ckpt.get("args") or {}
-    model_name = _setting(args.model, {"model": ckpt.get("model_name")}, "model")
-    dataset = _setting(args.dataset, {"dataset": ckpt.get("dataset")}, "dataset")
+    model_name = model_name or ckpt.get("model_name") or saved.get("model")
+    dataset = dataset or ckpt.get("dataset") or saved.get("dataset")
     if model_name is None or dataset is None:
-        raise UsageError(f"{args.model_path} does not say which model and dataset it holds; "
+        raise UsageError(f"{path} does not say which model and dataset it holds; "
                          "pass --model and --dataset")
-    use_swa = bool(ckpt.get("swa_n")) and ckpt.get("swa_state_dict") is not None and not args.sgd
-    device = runtime.select_device(args.device)
-    if device == "cpu":
-        runtime.tune_cpu(args.threads, model_name)
-    ds = datasets.load_dataset(dataset, _setting(args.data_path, saved, "data_path", "data"),
+    if runtime.select_device(device) == "cpu":
+        runtime.tune_cpu(threads, model_name)
+    ds = datasets.load_dataset(dataset, _setting(data_path, saved, "data_path", "data"),
                                download=not saved.get("no_download", False))
     try:
         model = models.build(model_name, ds.num_classes, ds.image_shape[0])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return model, ds, model_name
+
+
+def refresh_batch_norm(model, ds, batch_size, seed=1, epoch=0):
+    """Recompute `model`'s BatchNorm statistics on the training set, as train.py does.
+    Returns the number of images seen (0 for a model without BatchNorm)."""
+    batches = datasets.Batches(ds.train, batch_size, ds.mean, ds.std, shuffle=True,
+                               augment=ds.augment, seed=seed)
+    return utils.bn_update(batches(epoch, stream=1), model)
+
+
+def test_scores(model, ds, batch_size):
+    """Accuracy (%), NLL, ECE (%) and count of `model` on the test set."""
+    result = utils.run_epoch(datasets.Batches(ds.test, batch_size, ds.mean, ds.std)(), model,
+                             keep_logits=True)
+    return dict(scores(result["logits"], result["labels"]), count=result["count"])
+
+
+def evaluate(args):
+    ckpt = utils.load_checkpoint(args.model_path)
+    saved = ckpt.get("args") or {}
+    model, ds, model_name = model_for(ckpt, args.model_path, args.model, args.dataset,
+                                      args.data_path, args.device, args.threads)
+    use_swa = bool(ckpt.get("swa_n")) and ckpt.get("swa_state_dict") is not None and not args.sgd
+    try:
         utils.load_weights(model, ckpt["swa_state_dict" if use_swa else "state_dict"],
                            source=args.model_path)
     except ValueError as e:
@@ -102,15 +130,16 @@ def evaluate(args):
     refreshed = False
     if use_swa and (args.bn_update or not ckpt.get("swa_bn_updated", False)):
         # The average's BatchNorm statistics are stale: recompute them as train.py would.
-        bn = datasets.Batches(ds.train, batch_size, ds.mean, ds.std, shuffle=True,
-                              augment=ds.augment, seed=saved.get("seed", 1))
-        refreshed = utils.bn_update(bn(int(ckpt["epoch"]), stream=1), model) > 0
-    test = datasets.Batches(ds.test, batch_size, ds.mean, ds.std)
-    result = utils.run_epoch(test(), model, keep_logits=True)
-    result.update(scores(result["logits"], result["labels"]))
+        refreshed = refresh_batch_norm(model, ds, batch_size, saved.get("seed", 1),
+                                       int(ckpt["epoch"])) > 0
+    result = test_scores(model, ds, batch_size)
     result.update(weights="SWA" if use_swa else "SGD", model=model_name, dataset=ds.name,
                   swa_n=ckpt.get("swa_n"), refreshed=refreshed, epoch=ckpt["epoch"])
     return result
+
+
+def format_scores(r):
+    return f"accuracy {r['accuracy']:.4f}%  NLL {r['nll']:.4f}  ECE {r['ece']:.4f}% (15 bins)"
 
 
 def main(argv=None):
@@ -124,7 +153,7 @@ def main(argv=None):
         ", BatchNorm statistics recomputed)" if r["refreshed"] else ")") if r["weights"] == "SWA" else ""
     print(f"{r['weights']} weights{detail}, {r['model']} after epoch {r['epoch']}, "
           f"{r['dataset']} test set ({r['count']} images)")
-    print(f"accuracy {r['accuracy']:.4f}%  NLL {r['nll']:.4f}  ECE {r['ece']:.4f}% (15 bins)")
+    print(format_scores(r))
     return 0
 
 

@@ -74,6 +74,13 @@ def _epoch_number(text):
     return int(value)
 
 
+def _fraction(text):
+    value = _number(float, 0, True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
+
 POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 0, False), _number(int, 0, True)
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = _number(float, 0, False), _number(float, 0, True)
 
@@ -108,6 +115,9 @@ def build_parser():
     data.add_argument("--num_workers", type=NON_NEGATIVE_INT, default=0, metavar="N",
                       help="threads assembling batches ahead; 0 assembles them in the training "
                            "loop, which is already far faster than training (default: 0)")
+    data.add_argument("--label_noise", type=_fraction, default=0.0, metavar="P",
+                      help="give this fraction of training labels another class, at random "
+                           "(fixed by --seed); the test set is untouched (default: 0)")
     data.add_argument("--no_download", action="store_true",
                       help="never try Paddle's download when dataset files are missing (default: off)")
 
@@ -131,6 +141,15 @@ def build_parser():
                      help="SWA LR (default: 0.05)")
     swa.add_argument("--swa_c_epochs", type=POSITIVE_INT, default=1, metavar="N",
                      help="SWA model collection frequency/cycle length in epochs (default: 1)")
+    swa.add_argument("--lr_schedule", choices=utils.SCHEDULES, default="linear",
+                     help="linear: the original (constant, linear ramp to --swa_lr, constant); "
+                          "cyclic: per-iteration cycles from --lr_init down to --swa_lr ending at "
+                          "each average (needs --swa); descent: steps of /10 at 50%% and 75%% of "
+                          "--swa_start, then --swa_lr (default: linear)")
+    swa.add_argument("--init", metavar="WEIGHTS",
+                     help="start from these weights: a .pdparams state dict or a checkpoint of "
+                          "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
+                          "Ignored when --resume finds a checkpoint (default: None)")
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
@@ -143,6 +162,8 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    if args.lr_schedule == "cyclic" and not args.swa:
+        raise UsageError("--lr_schedule cyclic is SWA's schedule: add --swa (and --swa_start, --swa_lr)")
     if args.swa and args.swa_start > args.epochs:
         raise UsageError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}: no model "
                          "would be averaged; lower --swa_start or raise --epochs")
@@ -237,6 +258,13 @@ class StopFlag:
         return flag.item() > 0
 
 
+def with_learning_rate(batches, optimizer, lr_at, first_step):
+    """Yield `batches`, setting the optimizer's rate to lr_at(step) before each one."""
+    for step, batch in enumerate(batches, first_step):
+        optimizer.set_lr(lr_at(step))
+        yield batch
+
+
 def evaluation_epoch(epoch, eval_freq, epochs):
     """Whether 0-based `epoch` evaluates (the original's rule: first, every eval_freq, last)."""
     return epoch == 0 or epoch % eval_freq == eval_freq - 1 or epoch == epochs - 1
@@ -305,6 +333,22 @@ def restore(path, model, optimizer, swa):
     return int(ckpt["epoch"]), int(ckpt.get("step") or 0), ckpt.get("partial")
 
 
+def load_init(path, model):
+    """Load starting weights from a plain state dict or a checkpoint's SGD weights."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--init {path} does not exist")
+    try:
+        weights = paddle.load(path)
+    except Exception as e:  # paddle.load raises many types for bad bytes
+        raise UsageError(f"--init {path} is unreadable or not a Paddle file ({type(e).__name__})") from None
+    if isinstance(weights, dict) and isinstance(weights.get("state_dict"), dict):
+        weights = weights["state_dict"]
+    try:
+        utils.load_weights(model, weights if isinstance(weights, dict) else {}, source=f"--init {path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def setup(args):
     """Build the run and restore --resume; returns (run, (epoch, step, partial sums))."""
     env = runtime.distributed_from_env()
@@ -321,8 +365,12 @@ def setup(args):
     previous = check_dir(args, resume_path) if env.is_master else []
 
     ds = datasets.load_dataset(args.dataset, args.data_path, download=not args.no_download)
+    if args.label_noise:
+        ds.train = datasets.with_label_noise(ds.train, args.label_noise, ds.num_classes, args.seed)
     paddle.seed(args.seed)
     model = models.build(args.model, ds.num_classes, ds.image_shape[0])
+    if args.init and not resume_path:
+        load_init(args.init, model)
     optimizer = paddle.optimizer.Momentum(
         learning_rate=args.lr_init, momentum=args.momentum, weight_decay=args.wd or None,
         parameters=[p for p in model.parameters() if p.trainable])
@@ -345,7 +393,9 @@ def setup(args):
             + (f", {cpu}" if cpu else "") + f"; batch {args.batch_size} per step"
             + (f" = {env.world_size} processes x {args.batch_size // env.world_size}"
                if env.enabled else "")
-            + ("; SWA" if swa else "; SGD") + (f"; resuming from {resume_path}" if resume_path else ""))
+            + ("; SWA" if swa else "; SGD") + f", {args.lr_schedule} schedule"
+            + (f"; resuming from {resume_path}" if resume_path else "")
+            + (f"; starting from {args.init}" if args.init and not resume_path else ""))
     return run, start
 
 
@@ -372,10 +422,13 @@ def train_loop(run, start_epoch, start_step, partial, stop):
         started = time.time()
         if start_step == 0:
             paddle.seed(args.seed * 100_003 + env.rank * 1_009 + epoch)  # dropout; epoch-exact resume
-        lr = utils.piecewise_linear_lr(epoch, args.lr_init, args.epochs,
-                                       args.swa_start if swa else None, args.swa_lr)
-        run.optimizer.set_lr(lr)
         steps = len(run.loaders["train"])
+
+        def lr_at(step, epoch=epoch):
+            return utils.learning_rate(args.lr_schedule, epoch, step, steps, args.lr_init,
+                                       args.epochs, args.swa_start if swa else None, args.swa_lr,
+                                       args.swa_c_epochs)
+        lr = lr_at(start_step)
         if run.progress:
             run.progress.start(epoch + 1, args.epochs, steps, start_step)
 
@@ -385,8 +438,10 @@ def train_loop(run, start_epoch, start_step, partial, stop):
             return stop.requested(env.enabled)
 
         try:
-            tr = utils.run_epoch(run.loaders["train"](epoch, start_step), run.net, run.optimizer,
-                                 on_step=on_step, distributed=env.enabled, totals=partial)
+            batches = with_learning_rate(run.loaders["train"](epoch, start_step), run.optimizer,
+                                         lr_at, start_step)
+            tr = utils.run_epoch(batches, run.net, run.optimizer, on_step=on_step,
+                                 distributed=env.enabled, totals=partial)
         except utils.NonFiniteLoss as e:
             raise Diverged(f"loss became {e.value} at epoch {epoch + 1} step {start_step + e.step + 1}")
         finally:

@@ -363,6 +363,75 @@ def piecewise_linear_lr(epoch, lr_init, epochs, swa_start=None, swa_lr=None):
     return lr_init * factor
 
 
+def cyclic_lr(epoch, step, steps_per_epoch, lr_init, swa_lr, swa_start, swa_c_epochs=1):
+    """The cyclic schedule of the SWA paper (section 3.1), per iteration.
+
+    Cycles of `swa_c_epochs` epochs end at the averaging epochs (swa_start, swa_start + c,
+    ...); within a cycle the rate falls linearly from lr_init to swa_lr, reaching swa_lr at
+    the cycle's last iteration, where the model is averaged: lr = (1 - t) * lr_init + t *
+    swa_lr with t = (iteration in cycle, 1-based) / (iterations per cycle). Before the first
+    cycle the rate is lr_init.
+
+    Args:
+        epoch, step: 0-based epoch and batch within it.
+        steps_per_epoch: batches per epoch.
+        lr_init, swa_lr: the rates at the start (alpha1) and end (alpha2) of a cycle.
+        swa_start: 1-based epoch of the first average; swa_c_epochs: cycle length in epochs.
+
+    Returns:
+        The learning rate (float).
+
+    Example:
+        >>> cyclic_lr(9, 99, 100, 0.1, 0.01, swa_start=10, swa_c_epochs=2)   # end of a cycle
+        0.01
+    """
+    first = swa_start - swa_c_epochs  # 0-based epoch where the first cycle begins
+    if epoch < first:
+        return lr_init
+    position = ((epoch - first) % swa_c_epochs) * steps_per_epoch + step + 1
+    t = position / (swa_c_epochs * steps_per_epoch)
+    return (1.0 - t) * lr_init + t * swa_lr
+
+
+def step_decay_lr(epoch, lr_init, epochs, swa_start=None, swa_lr=None):
+    """A step ("descent") schedule, then constant swa_lr in the SWA phase.
+
+    With t = epoch / swa_start (epoch / epochs without SWA): lr_init for t < 0.5,
+    lr_init / 10 for t < 0.75, lr_init / 100 for t < 1; from swa_start on (t >= 1), swa_lr,
+    the exploring rate SWA averages at. swa_start = 0 gives swa_lr throughout.
+
+    Example:
+        >>> [step_decay_lr(e, 0.1, 20, swa_start=8, swa_lr=0.05) for e in (0, 4, 6, 8)]
+        [0.1, 0.010000000000000002, 0.001, 0.05]
+    """
+    if swa_start is None:
+        t = epoch / epochs
+    else:
+        t = epoch / swa_start if swa_start > 0 else math.inf
+        if t >= 1:
+            return swa_lr
+    return lr_init * (1.0 if t < 0.5 else 0.1 if t < 0.75 else 0.01)
+
+
+SCHEDULES = ("linear", "cyclic", "descent")
+
+
+def learning_rate(schedule, epoch, step, steps_per_epoch, lr_init, epochs, swa_start=None,
+                  swa_lr=None, swa_c_epochs=1):
+    """The rate of `schedule` ("linear": `piecewise_linear_lr`, the original; "cyclic":
+    `cyclic_lr`; "descent": `step_decay_lr`) at batch `step` of 0-based `epoch`.
+    swa_start None means plain SGD (not allowed with "cyclic")."""
+    if schedule == "linear":
+        return piecewise_linear_lr(epoch, lr_init, epochs, swa_start, swa_lr)
+    if schedule == "descent":
+        return step_decay_lr(epoch, lr_init, epochs, swa_start, swa_lr)
+    if schedule == "cyclic":
+        if swa_start is None:
+            raise ValueError("the cyclic schedule is defined by SWA's cycles: give swa_start")
+        return cyclic_lr(epoch, step, steps_per_epoch, lr_init, swa_lr, swa_start, swa_c_epochs)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
 # --------------------------------------------------------------------------- train / eval
 
 def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, totals=None,
@@ -486,11 +555,17 @@ def save_checkpoint(directory, epoch, step=0, **state):
         ...                 optimizer=optimizer.state_dict(), **swa.state_dict())
     """
     path = checkpoint_path(directory, epoch, step)
-    payload = dict(format=CHECKPOINT_FORMAT, epoch=epoch, step=step, **state)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    return atomic_save(dict(format=CHECKPOINT_FORMAT, epoch=epoch, step=step, **state), path)
+
+
+def atomic_save(obj, path):
+    """paddle.save `obj` to `path` through a temporary file in the same folder, flushed to
+    disk and renamed: `path` is either absent, its old content, or complete. Returns `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        paddle.save(payload, tmp)
+        paddle.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -567,3 +642,94 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     paddle.set_rng_state(state["paddle"])
+
+
+# --------------------------------------------------------------------------- paddle.Model.fit
+
+class SWACallback(paddle.callbacks.Callback):
+    """SWA for Paddle's high-level API: `paddle.Model.fit(..., callbacks=[SWACallback(...)])`.
+
+    Adds the network to an equal-weight average after epochs swa_start, swa_start +
+    swa_freq, ... (1-based, as `is_swa_epoch`), optionally driving the learning rate from the
+    first averaged epoch on; when fit ends, the network holds the averaged weights with
+    their BatchNorm statistics recomputed on `bn_data`. `restore_sgd()` puts the last SGD
+    weights back; `swa` is the `SWA` state. The averaged network saves and loads with
+    `paddle.Model.save` / `load` like any other.
+
+    Args:
+        swa_start: 1-based epoch of the first average (0: from the start, e.g. fine-tuning
+            pretrained weights).
+        swa_freq: average every swa_freq epochs (the cycle length with lr_schedule="cyclic").
+        swa_lr: the SWA rate; None leaves the optimizer's rate alone.
+        lr_schedule: "constant" (swa_lr from the first averaged epoch on) or "cyclic"
+            (`cyclic_lr` per batch, from the optimizer's initial rate down to swa_lr).
+        bn_data: the training data for the BatchNorm refresh: a DataLoader, an iterable of
+            batches, or a paddle.io.Dataset (batched with fit's batch size). Required when the
+            network has BatchNorm; False skips the refresh (averaged statistics are kept).
+
+    Example:
+        >>> swa = SWACallback(swa_start=15, swa_lr=0.01, bn_data=train_dataset)
+        >>> model.fit(train_dataset, epochs=20, batch_size=64, callbacks=[swa])
+        >>> model.evaluate(test_dataset)        # the averaged weights
+        >>> swa.restore_sgd()                   # back to the last SGD weights
+    """
+
+    def __init__(self, swa_start, swa_freq=1, swa_lr=None, lr_schedule="constant", bn_data=None):
+        super().__init__()
+        if lr_schedule not in ("constant", "cyclic"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cyclic', not {lr_schedule!r}")
+        if lr_schedule == "cyclic" and swa_lr is None:
+            raise ValueError("lr_schedule='cyclic' needs swa_lr (the rate at the end of a cycle)")
+        self.swa_start, self.swa_freq, self.swa_lr = swa_start, swa_freq, swa_lr
+        self.lr_schedule, self.bn_data = lr_schedule, bn_data
+        self.swa, self.sgd_state, self._epoch = None, None, 0
+
+    def _optimizer(self):
+        optimizer = self.model._optimizer
+        if self.swa_lr is not None and not isinstance(optimizer._learning_rate, (int, float)):
+            raise ValueError("SWACallback sets the learning rate itself (swa_lr): give the "
+                             "optimizer a float learning rate, not an LRScheduler")
+        return optimizer
+
+    def on_train_begin(self, logs=None):
+        network = self.model.network
+        if self.bn_data is None and _batch_norm_layers(network):
+            raise ValueError("SWACallback needs bn_data (the training data) to recompute the "
+                             "average's BatchNorm statistics, or bn_data=False to skip that")
+        self.lr_init = self._optimizer().get_lr()
+        self.swa = SWA(network)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        if self.lr_schedule == "constant" and self.swa_lr is not None and epoch + 1 >= self.swa_start:
+            self._optimizer().set_lr(self.swa_lr)
+
+    def on_train_batch_begin(self, step, logs=None):
+        if self.lr_schedule == "cyclic" and self._epoch >= self.swa_start - self.swa_freq:
+            self._optimizer().set_lr(cyclic_lr(self._epoch, step, self.params["steps"], self.lr_init,
+                                               self.swa_lr, self.swa_start, self.swa_freq))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if is_swa_epoch(epoch + 1, self.swa_start, self.swa_freq):
+            self.swa.update(self.model.network)
+
+    def on_train_end(self, logs=None):
+        if not self.swa.n:
+            return
+        network = self.model.network
+        self.sgd_state = {k: v.clone() for k, v in network.state_dict().items()}
+        if self.bn_data is not False and _batch_norm_layers(network):
+            self.swa.bn_update(self._bn_batches())
+        load_weights(network, self.swa.model.state_dict())
+
+    def _bn_batches(self):
+        if isinstance(self.bn_data, paddle.io.Dataset):
+            return paddle.io.DataLoader(self.bn_data, batch_size=self.params.get("batch_size") or 64,
+                                        shuffle=True)
+        return self.bn_data
+
+    def restore_sgd(self):
+        """Put the last SGD weights back into the network (after fit ended)."""
+        if self.sgd_state is None:
+            raise ValueError("no SGD weights to restore: fit has not ended with an average")
+        load_weights(self.model.network, self.sgd_state)
