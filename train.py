@@ -305,6 +305,14 @@ class Run:
         if self.env.is_master:
             print(*args, **kwargs)
 
+    def record(self, row):
+        """Print the epoch's table row and log it to metrics.csv and VisualDL (rank 0)."""
+        self.log(report.format_row(row, self.columns), flush=True)
+        if self.metrics:
+            self.metrics.append(row)
+        if self.visualdl:
+            self.visualdl.add(row)
+
     def save(self, epoch, step=0, partial=None):
         """Checkpoint on rank 0 (the other ranks hold the same weights)."""
         if not self.env.is_master:
@@ -416,67 +424,81 @@ def train(args):
 
 def train_loop(run, start_epoch, start_step, partial, stop):
     """Epochs from `start_epoch` (batch `start_step`) to the end; returns the exit code."""
-    args, env, swa = run.args, run.env, run.swa
+    args = run.args
     run.log(report.format_row({}, run.columns, header=True))
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
-        if start_step == 0:
-            paddle.seed(args.seed * 100_003 + env.rank * 1_009 + epoch)  # dropout; epoch-exact resume
-        steps = len(run.loaders["train"])
-
-        def lr_at(step, epoch=epoch):
-            return utils.learning_rate(args.lr_schedule, epoch, step, steps, args.lr_init,
-                                       args.epochs, args.swa_start if swa else None, args.swa_lr,
-                                       args.swa_c_epochs)
-        lr = lr_at(start_step)
-        if run.progress:
-            run.progress.start(epoch + 1, args.epochs, steps, start_step)
-
-        def on_step(step, sums, first=start_step):
-            if run.progress:
-                run.progress.update(first + step + 1, sums)
-            return stop.requested(env.enabled)
-
-        try:
-            batches = with_learning_rate(run.loaders["train"](epoch, start_step), run.optimizer,
-                                         lr_at, start_step)
-            tr = utils.run_epoch(batches, run.net, run.optimizer, on_step=on_step,
-                                 distributed=env.enabled, totals=partial)
-        except utils.NonFiniteLoss as e:
-            raise Diverged(f"loss became {e.value} at epoch {epoch + 1} step {start_step + e.step + 1}")
-        finally:
-            if run.progress:
-                run.progress.clear()
-        train_seconds = time.time() - started
-        if start_step + tr["steps"] < steps:
+        tr, lr = train_epoch(run, epoch, start_step, partial, stop)
+        if start_step + tr["steps"] < len(run.loaders["train"]):
             return interrupted(run, epoch, start_step + tr["steps"], tr, stop.signal)
-        start_step, partial = 0, None
-        if env.enabled:
-            utils.sync_bn_statistics(run.model)
         row = {"ep": epoch + 1, "lr": lr, "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
-               "img_s": tr["steps"] * args.batch_size / max(train_seconds, 1e-9)}
-        evaluate = evaluation_epoch(epoch, args.eval_freq, args.epochs)
-        if evaluate:
-            te = utils.run_epoch(run.loaders["test"](), run.model, distributed=env.enabled)
-            row.update(te_loss=te["loss"], te_acc=te["accuracy"])
-        averaged = swa is not None and utils.is_swa_epoch(epoch + 1, args.swa_start, args.swa_c_epochs)
-        if averaged:
-            swa.update(run.model)
-        if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
-            swa.bn_update(run.loaders["bn"](epoch, stream=1), distributed=env.enabled)
-            te = utils.run_epoch(run.loaders["test"](), swa.model, distributed=env.enabled)
-            row.update(swa_te_loss=te["loss"], swa_te_acc=te["accuracy"])
+               "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
+        row.update(evaluate_and_average(run, epoch))
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
-        run.log(report.format_row(row, run.columns), flush=True)
-        if run.metrics:
-            run.metrics.append(row)
-        if run.visualdl:
-            run.visualdl.add(row)
+        run.record(row)
         if stop.signal is not None and epoch + 1 < args.epochs:
             return interrupted(run, epoch + 1, 0, None, stop.signal)
+        start_step, partial = 0, None
     return 0
+
+
+def train_epoch(run, epoch, start_step, partial, stop):
+    """SGD over 0-based `epoch` from batch `start_step`, the rate set before every batch.
+
+    Returns run_epoch's result (fewer steps if a signal stopped it) and the rate at the
+    epoch's first batch.
+    """
+    args, env = run.args, run.env
+    steps = len(run.loaders["train"])
+    if start_step == 0:
+        paddle.seed(args.seed * 100_003 + env.rank * 1_009 + epoch)  # dropout; epoch-exact resume
+
+    def lr_at(step):
+        return utils.learning_rate(args.lr_schedule, epoch, step, steps, args.lr_init, args.epochs,
+                                   args.swa_start if run.swa else None, args.swa_lr,
+                                   args.swa_c_epochs)
+
+    def on_step(step, sums):
+        if run.progress:
+            run.progress.update(start_step + step + 1, sums)
+        return stop.requested(env.enabled)
+
+    if run.progress:
+        run.progress.start(epoch + 1, args.epochs, steps, start_step)
+    batches = with_learning_rate(run.loaders["train"](epoch, start_step), run.optimizer, lr_at,
+                                 start_step)
+    try:
+        result = utils.run_epoch(batches, run.net, run.optimizer, on_step=on_step,
+                                 distributed=env.enabled, totals=partial)
+    except utils.NonFiniteLoss as e:
+        raise Diverged(f"loss became {e.value} at epoch {epoch + 1} step {start_step + e.step + 1}")
+    finally:
+        if run.progress:
+            run.progress.clear()
+    return result, lr_at(0)
+
+
+def evaluate_and_average(run, epoch):
+    """After SGD epoch `epoch`: test the SGD model, add it to the average, test the average
+    (after a BatchNorm refresh) when due. Returns the row's test columns."""
+    args, env, swa = run.args, run.env, run.swa
+    if env.enabled:
+        utils.sync_bn_statistics(run.model)
+    columns = {}
+    evaluate = evaluation_epoch(epoch, args.eval_freq, args.epochs)
+    if evaluate:
+        te = utils.run_epoch(run.loaders["test"](), run.model, distributed=env.enabled)
+        columns.update(te_loss=te["loss"], te_acc=te["accuracy"])
+    averaged = swa is not None and utils.is_swa_epoch(epoch + 1, args.swa_start, args.swa_c_epochs)
+    if averaged:
+        swa.update(run.model)
+    if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
+        swa.bn_update(run.loaders["bn"](epoch, stream=1), distributed=env.enabled)
+        te = utils.run_epoch(run.loaders["test"](), swa.model, distributed=env.enabled)
+        columns.update(swa_te_loss=te["loss"], swa_te_acc=te["accuracy"])
+    return columns
 
 
 def interrupted(run, epoch, step, totals, signum):
