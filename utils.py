@@ -504,11 +504,8 @@ def run_epoch(batches, model, optimizer=None, on_step=None, distributed=False, t
 
 
 def _all_reduce_sums(sums):
-    import paddle.distributed as dist
-
     flat = paddle.to_tensor([sums["loss_sum"], sums["correct"], sums["count"]], dtype="float64")
-    dist.all_reduce(flat)
-    loss_sum, correct, count = flat.tolist()
+    loss_sum, correct, count = _all_reduce_sum([flat])[0].tolist()
     return dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)))
 
 
