@@ -197,14 +197,13 @@ def resolve_resume(args):
 
 def check_dir(args, resume_path):
     """Refuse an unwritable --dir, or one holding a run we would clobber; changes nothing."""
-    try:
-        os.makedirs(args.dir, exist_ok=True)
-        probe = os.path.join(args.dir, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"cannot write to --dir {args.dir} ({e.strerror}); choose another --dir") from None
+    existing = os.path.abspath(args.dir)
+    while not os.path.exists(existing):  # --dir is created later, once every check passed
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not os.path.isdir(existing) else "not writable"
+        raise UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
+                         "choose another --dir")
     previous = [p for pattern in RUN_FILES for p in glob.glob(os.path.join(args.dir, pattern))]
     if previous and resume_path is None and not args.overwrite:
         raise UsageError(f"--dir {args.dir} holds a previous run ({os.path.basename(previous[0])}); "
@@ -213,7 +212,8 @@ def check_dir(args, resume_path):
 
 
 def record_run(args, resume_path, previous):
-    """Clear a run replaced by --overwrite and save the command line and resolved arguments."""
+    """Create --dir, clear a run replaced by --overwrite, save the command and arguments."""
+    os.makedirs(args.dir, exist_ok=True)
     if resume_path is None:
         for path in previous:
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)

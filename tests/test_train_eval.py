@@ -132,6 +132,7 @@ def test_missing_and_corrupt_data_files_are_named(tmp_path):
     args = ["--dataset", "CIFAR10", "--model", "SimpleCNN", "--no_download", "--dir", tmp_path / "r"]
     one_line_error(run_script("train.py", *args, "--data_path", tmp_path / "empty"),
                    "cifar-10-python.tar.gz", "--data_path")
+    assert not (tmp_path / "r").exists()  # nothing created by a run that could not start
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
     one_line_error(run_script("train.py", *args, "--data_path", tmp_path / "bad"),
