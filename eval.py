@@ -21,13 +21,8 @@ class UsageError(Exception):
     """Bad input, reported as one line with exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
+    p = runtime.ArgumentParser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
                 epilog="example:\n  python eval.py --model_path runs/digits/checkpoint-30.pdparams",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, metavar="CKPT",
@@ -37,15 +32,20 @@ def build_parser():
     p.add_argument("--bn_update", action="store_true",
                    help="recompute the SWA BatchNorm statistics even if the checkpoint has them "
                         "(default: only when they are stale)")
-    p.add_argument("--dataset", help="dataset (default: the checkpoint's)")
-    p.add_argument("--data_path", metavar="PATH", help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--model", help="model name (default: the checkpoint's)")
+    add_overrides(p, "the checkpoint's")
     p.add_argument("--batch_size", type=int, help="batch size (default: the checkpoint's, else 128)")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto uses the GPU when Paddle has one (default: auto)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads; 0 chooses automatically (default: 0)")
     return p
+
+
+def add_overrides(parser, source):
+    """Flags that override what a checkpoint says about its model, data and device."""
+    parser.add_argument("--dataset", help=f"dataset (default: {source})")
+    parser.add_argument("--data_path", metavar="PATH", help=f"dataset folder (default: {source})")
+    parser.add_argument("--model", help=f"model name (default: {source})")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="auto uses the GPU when Paddle has one (default: auto)")
 
 
 def calibration_error(probs, labels, bins=15):

@@ -2,6 +2,7 @@
 
 Shared by train.py, eval.py and scripts/; none of it is needed to use the SWA core.
 """
+import argparse
 import ctypes
 import os
 import warnings
@@ -74,6 +75,13 @@ def keep_freed_memory():
                     libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False  # not glibc
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the problem and where to look), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def available_cores():

@@ -45,12 +45,6 @@ class Diverged(Exception):
 
 # --------------------------------------------------------------------------- arguments
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, no usage dump: the message and where to look.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _number(kind, minimum, inclusive):
     def parse(text):
         try:
@@ -86,7 +80,7 @@ POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = _number(float, 0, False), _number(float, 0,
 
 
 def build_parser():
-    p = _Parser(prog="train.py", description="SGD/SWA training (Izmailov et al., UAI 2018).",
+    p = runtime.ArgumentParser(prog="train.py", description="SGD/SWA training (Izmailov et al., UAI 2018).",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--dir", default="out", metavar="DIR",

@@ -9,7 +9,6 @@ are recomputed on the training set. The result is evaluated on the test set when
 dataset is known (from the checkpoints or --dataset) and saved as a checkpoint that eval.py
 reads (its SWA weights are the average).
 """
-import argparse
 import os
 import sys
 
@@ -26,20 +25,15 @@ class UsageError(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="average_checkpoints.py",
-                                description=__doc__.split("\n")[0])
+    p = runtime.ArgumentParser(prog="average_checkpoints.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
     p.add_argument("--out", required=True, help="where to write the averaged checkpoint (required)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")
     p.add_argument("--bn_update", action="store_true",
                    help="recompute BatchNorm statistics on the training set (default: keep the "
                         "averaged statistics)")
-    p.add_argument("--dataset", help="dataset for --bn_update and evaluation (default: the checkpoints')")
-    p.add_argument("--data_path", metavar="PATH", help="dataset folder (default: the checkpoints')")
-    p.add_argument("--model", help="model name (default: the checkpoints')")
+    evaluation.add_overrides(p, "the first checkpoint's")
     p.add_argument("--batch_size", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto uses the GPU when Paddle has one (default: auto)")
     return p
 
 

@@ -10,7 +10,6 @@ schedule (decaying to lr_init/100) and SWA (decaying to --swa_lr, then averaging
 test accuracy and NLL of the SGD model and of the average are read from each run's
 metrics.csv. Flags after `--` go to every train.py run.
 """
-import argparse
 import csv
 import os
 import statistics
@@ -21,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
 import report  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
+    p = runtime.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                    help="seeds to run (default: 1 2 3 4 5)")
     p.add_argument("--dataset", default="digits", help="dataset (default: digits)")
