@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import runtime  # first: quiets Paddle's import-time warnings
-import paddle
 
 import data as datasets
 import models
+import report
 import utils
 
 
@@ -22,7 +22,7 @@ class UsageError(Exception):
 
 
 def build_parser():
-    p = runtime.ArgumentParser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
+    p = report.ArgumentParser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
                 epilog="example:\n  python eval.py --model_path runs/digits/checkpoint-30.pdparams",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, metavar="CKPT",

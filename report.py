@@ -1,11 +1,19 @@
 """What a training run shows and records: the per-epoch table, a progress bar on a terminal,
 metrics.csv, VisualDL logs and the convergence plot.
 """
+import argparse
 import csv
 import json
 import os
 import sys
 import time
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the problem and where to look), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "te_loss", "te_acc", "swa_te_loss", "swa_te_acc", "time"]
 CSV_COLUMNS = COLUMNS + ["img_s"]

@@ -2,7 +2,6 @@
 
 Shared by train.py, eval.py and scripts/; none of it is needed to use the SWA core.
 """
-import argparse
 import ctypes
 import os
 import warnings
@@ -75,13 +74,6 @@ def keep_freed_memory():
                     libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False  # not glibc
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the problem and where to look), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def available_cores():

@@ -80,7 +80,7 @@ POSITIVE_FLOAT, NON_NEGATIVE_FLOAT = _number(float, 0, False), _number(float, 0,
 
 
 def build_parser():
-    p = runtime.ArgumentParser(prog="train.py", description="SGD/SWA training (Izmailov et al., UAI 2018).",
+    p = report.ArgumentParser(prog="train.py", description="SGD/SWA training (Izmailov et al., UAI 2018).",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--dir", default="out", metavar="DIR",
@@ -293,7 +293,11 @@ class Run:
     metrics: report.MetricsFile | None   # rank 0 only, like the two below
     visualdl: report.VisualDLLog | None
     progress: report.Progress | None
-    columns: list
+
+    @property
+    def columns(self):
+        """The table's columns: the SWA ones only when averaging."""
+        return report.COLUMNS if self.swa else report.COLUMNS[:6] + report.COLUMNS[-1:]
 
     def log(self, *args, **kwargs):
         if self.env.is_master:
@@ -385,10 +389,9 @@ def setup(args):
         metrics = report.MetricsFile(args.dir, start[0])
         visualdl = None if args.no_visualdl else report.VisualDLLog(args.dir)
         progress = report.Progress()
-    columns = report.COLUMNS if swa else report.COLUMNS[:6] + report.COLUMNS[-1:]
     run = Run(args, env, ds, make_loaders(ds, args.batch_size, args.seed, args.num_workers, env),
               model, paddle.DataParallel(model) if env.enabled else model,  # never the average
-              optimizer, swa, metrics, visualdl, progress, columns)
+              optimizer, swa, metrics, visualdl, progress)
     if not resume_path:
         run.save(0)
     run.log(f"{args.model} on {ds.name} ({len(ds.train)} train / {len(ds.test)} test), {device}"

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
 import data as datasets  # noqa: E402
 import eval as evaluation  # noqa: E402
+import report  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -25,7 +26,7 @@ class UsageError(Exception):
 
 
 def build_parser():
-    p = runtime.ArgumentParser(prog="average_checkpoints.py", description=__doc__.split("\n")[0])
+    p = report.ArgumentParser(prog="average_checkpoints.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
     p.add_argument("--out", required=True, help="where to write the averaged checkpoint (required)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: off)")

@@ -34,6 +34,7 @@ import paddle  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
+import report  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -227,7 +228,7 @@ def section_run(repeats, epochs=60, swa_start=40):
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n")[0])
+    p = report.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="VGG16,PreResNet110,PreResNet164,SimpleCNN",
                    help="comma-separated zoo models (default: VGG16,PreResNet110,PreResNet164,SimpleCNN)")
     p.add_argument("--batch_size", type=int, default=64, help="batch size (default: 64)")

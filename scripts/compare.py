@@ -20,12 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
 import report  # noqa: E402
 
 
 def build_parser():
-    p = runtime.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
+    p = report.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                    help="seeds to run (default: 1 2 3 4 5)")
     p.add_argument("--dataset", default="digits", help="dataset (default: digits)")

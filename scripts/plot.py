@@ -10,12 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
 import report  # noqa: E402
 
 
 def main(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n")[0])
+    p = report.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories holding metrics.csv")
     p.add_argument("--out", help="PNG to write (default: DIR/convergence.png for one run, "
                                  "convergence.png for several)")

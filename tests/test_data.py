@@ -1,6 +1,4 @@
 """Dataset readers on tiny files in the official formats, and the batch loader."""
-import os
-
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """The ways users asked for SWA: fit callback, schedules, pretrained start, offline averaging,
 SGD-vs-SWA comparisons, label noise."""
-import copy
 import os
 import re
 
