@@ -251,7 +251,7 @@ def main(argv=None):
     print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
           "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
     speed = section_speed(names, args.batch_size, args.repeats, args.rounds)
-    section_averaging(names, args.repeats + 2)
+    section_averaging(names, max(20, args.repeats))  # milliseconds each: cheap to repeat
     section_refresh(speed, names)
     section_loader(speed, names, args.batch_size, args.repeats)
     section_run(args.repeats + 2)

@@ -246,3 +246,36 @@ def test_update_pairs_with_a_new_model_object():
     for key, value in _snapshot(swa.model).items():
         np.testing.assert_allclose(value, (_snapshot(a)[key] + _snapshot(b)[key]) / 2,
                                    rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_flat_update_sees_optimizer_steps_set_value_and_new_storage(tmp_path):
+    """SWA.update views both models' tensors into flat buffers; every way of changing a
+    weight afterwards must still reach the average, and checkpoints must still hold it."""
+    paddle.seed(3)
+    model = models.build("PreResNet110", num_classes=3)
+    optimizer = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=model.parameters())
+    swa = utils.SWA(model)
+    snapshots = []
+
+    def add():
+        snapshots.append(_snapshot(model))
+        swa.update(model)
+        expected = {k: np.mean([s[k] for s in snapshots], axis=0) for k in snapshots[0]}
+        for key, value in _snapshot(swa.model).items():
+            np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+    add()
+    x = paddle.randn([4, 3, 32, 32])
+    for _ in range(2):  # optimizer kernels and the BatchNorm forward write in place
+        utils.run_epoch([(x, paddle.to_tensor([0, 1, 2, 0]))], model, optimizer)
+    add()
+    _randomise(model, np.random.default_rng(1))  # set_value
+    add()
+    first = next(iter(model.parameters()))
+    paddle.full(first.shape, 0.5)._share_buffer_to(first)  # new storage, as a re-pack would
+    add()
+    assert first._is_shared_buffer_with(swa._averager.new.buffer())
+    path = str(tmp_path / "model.pdparams")
+    paddle.save(model.state_dict(), path)
+    for key, value in paddle.load(path).items():
+        np.testing.assert_array_equal(value.numpy(), snapshots[-1][key], err_msg=key)
