@@ -141,14 +141,13 @@ class _FlatAverager:
 
     def __init__(self, swa_model, model):
         self.model = _unwrap(model)
-        pairs = _paired_state(swa_model, self.model)
-        fused = [(a, b) for a, b in pairs if a.dtype == paddle.float32 == b.dtype]
-        self.rest = [(a, b) for a, b in pairs if not a.dtype == paddle.float32 == b.dtype]
-        self.pairs = fused
-        self.fused = bool(fused) and _can_flatten()
+        self.float32, self.rest = [], []  # (average, new) tensor pairs
+        for a, b in _paired_state(swa_model, self.model):
+            (self.float32 if a.dtype == paddle.float32 == b.dtype else self.rest).append((a, b))
+        self.fused = bool(self.float32) and _can_flatten()
         if self.fused:
-            self.avg = _FlatTensors([a for a, _ in fused])
-            self.new = _FlatTensors([b for _, b in fused])
+            self.avg = _FlatTensors([a for a, _ in self.float32])
+            self.new = _FlatTensors([b for _, b in self.float32])
             self.scratch = None
 
     def __call__(self, alpha):
@@ -166,7 +165,7 @@ class _FlatAverager:
                     # anything, so the per-tensor path is still exact.
                     self.fused = False
             if not self.fused:
-                _lerp(self.pairs, alpha)
+                _lerp(self.float32, alpha)
             _lerp(self.rest, alpha)
 
 
