@@ -22,11 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIGITS_FILE = os.path.join(HERE, "data", "digits.npz")
 
 
-class DataError(Exception):
+class DataError(cli.UsageError):
     """Data that cannot be loaded; the message names the files and what to do."""
 
 
@@ -77,10 +79,18 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batch(raw, label_key):
+def _cifar_batch(raw, label_key, where):
     batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.asarray(batch[label_key], dtype=np.int64)
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise DataError(f"{where} holds images of shape {list(data.shape)} ({data.dtype}), not "
+                        "N x 3072 bytes: not the official file; download it again")
+    if labels.shape != (len(data),):
+        raise DataError(f"{where} holds {len(data)} images but {labels.size} labels: not the "
+                        "official file; download it again")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels
 
 
 def read_cifar(source, members, label_key):
@@ -95,14 +105,15 @@ def read_cifar(source, members, label_key):
     if os.path.isdir(source):
         for member in members:
             with open(os.path.join(source, member), "rb") as f:
-                parts.append(_cifar_batch(f.read(), label_key))
+                parts.append(_cifar_batch(f.read(), label_key, os.path.join(source, member)))
     else:
         with tarfile.open(source, "r:gz") as tar:
             by_name = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             for member in members:
                 if member not in by_name:
                     raise DataError(f"{source} has no member {member}: not the official archive")
-                parts.append(_cifar_batch(tar.extractfile(by_name[member]).read(), label_key))
+                parts.append(_cifar_batch(tar.extractfile(by_name[member]).read(), label_key,
+                                          f"{member} in {source}"))
     return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
@@ -237,7 +248,12 @@ def _load_idx(name, data_path, download):
         raise DataError(f"{name} files in {os.path.dirname(files['train_images'])} are "
                         f"unreadable ({type(e).__name__}: {e}); download them again") from None
     for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"{files[split + '_images']} holds an array of shape {list(images.shape)} "
+                            f"and {files[split + '_labels']} one of {list(labels.shape)}; expected "
+                            "N x height x width images and N labels: not the official files")
+        if len(images) != len(labels):
             raise DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
                             "hold different numbers of examples")
     split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
@@ -289,6 +305,11 @@ def load_dataset(name, data_path="data", download=True):
         train, test, classes = _load_idx(name, data_path, download)
     else:
         train, test, classes = _load_digits()
+    for split, where in ((train, "training"), (test, "test")):
+        if len(split) and (split.labels.min() < 0 or split.labels.max() >= classes):
+            raise DataError(f"{name}'s {where} labels run from {split.labels.min()} to "
+                            f"{split.labels.max()}, outside 0..{classes - 1}: the files in "
+                            f"{data_path!r} are not the official ones; download them again")
     mean, std = channel_statistics(train.images)
     return Data(name, train, test, classes, mean, std, AUGMENT[name])
 

@@ -1,22 +1,27 @@
 """What a training run shows and records: the per-epoch table, a progress bar on a terminal,
 metrics.csv, VisualDL logs and the convergence plot.
 """
-import argparse
 import csv
+import io
 import json
 import os
+import shlex
 import sys
 import time
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the problem and where to look), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+AVERAGES = {"swa": "SWA", "ema": "EMA"}  # column prefix -> what the average is
 
 
-COLUMNS = ["ep", "lr", "tr_loss", "tr_acc", "te_loss", "te_acc", "swa_te_loss", "swa_te_acc", "time"]
-CSV_COLUMNS = COLUMNS + ["img_s"]
+def columns(average=None):
+    """The table's columns: the average's test columns (`swa_te_*` for SWA, `ema_te_*` for an
+    EMA) only when there is one."""
+    middle = [f"{average}_te_loss", f"{average}_te_acc"] if average else []
+    return ["ep", "lr", "tr_loss", "tr_acc", "te_loss", "te_acc"] + middle + ["time"]
+
+
+def average_kind(row_keys):
+    """The prefix of the average whose columns a metrics row has ('swa', 'ema'), or None."""
+    return next((p for p in AVERAGES if f"{p}_te_acc" in row_keys), None)
 
 
 def format_row(row, columns, header=False):
@@ -39,26 +44,36 @@ def format_row(row, columns, header=False):
 
 
 class MetricsFile:
-    """metrics.csv in the run directory: one row per epoch."""
+    """metrics.csv in the run directory: one row per epoch, the columns of `columns(...)` and
+    training images/s."""
 
-    def __init__(self, directory, keep_through_epoch=0):
+    def __init__(self, directory, table_columns, keep_through_epoch=0):
         self.path = os.path.join(directory, "metrics.csv")
+        self.columns = [c for c in table_columns] + ["img_s"]
         rows = []
         if keep_through_epoch and os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["ep"]) <= keep_through_epoch]
-        # Rewritten whole, then renamed: rows of epochs a resumed run repeats are dropped.
+        # Rewritten whole, then renamed: rows of epochs a resumed run repeats are dropped, and
+        # a full disk leaves the old file as it was (and no temporary file behind).
         tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        except OSError:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     def append(self, row):
+        line = io.StringIO()
+        csv.DictWriter(line, self.columns, extrasaction="ignore").writerow(
+            {k: ("" if v is None else v) for k, v in row.items()})
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(
-                {k: ("" if v is None else v) for k, v in row.items()})
+            f.write(line.getvalue())  # the row in one write call
 
 
 def read_metrics(directory):
@@ -85,12 +100,13 @@ class Progress:
         self.enabled = enabled
         self.width, self.drawn, self.last = width, False, 0.0
 
-    def start(self, epoch, epochs, total_steps, first_step=0):
-        self.epoch, self.epochs, self.total = epoch, epochs, total_steps
+    def start(self, title, total_steps, first_step=0):
+        """Begin a bar of `total_steps` (e.g. title "epoch 3/10"), `first_step` already done."""
+        self.title, self.total = title, total_steps
         self.first, self.started = first_step, time.perf_counter()
 
-    def update(self, steps_done, sums):
-        """After `steps_done` of the epoch's batches; `sums` as run_epoch keeps them."""
+    def update(self, steps_done, sums=None):
+        """After `steps_done` steps; `sums` (as run_epoch keeps them) adds loss and images/s."""
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.1 and steps_done < self.total):
             return
@@ -99,10 +115,12 @@ class Progress:
         done_here = max(steps_done - self.first, 1)
         left = elapsed / done_here * (self.total - steps_done)
         filled = int(self.width * steps_done / max(self.total, 1))
-        loss = sums["loss_sum"] / max(sums["count"], 1)
-        line = (f"epoch {self.epoch}/{self.epochs} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{steps_done}/{self.total}  loss {loss:.4f}  {sums['count'] / elapsed:,.0f} img/s  "
-                f"{int(left) // 60}:{int(left) % 60:02d} left")
+        rates = ""
+        if sums is not None:
+            loss = sums["loss_sum"] / max(sums["count"], 1)
+            rates = f"  loss {loss:.4f}  {sums['count'] / elapsed:,.0f} img/s"
+        line = (f"{self.title} [{'#' * filled}{'.' * (self.width - filled)}] "
+                f"{steps_done}/{self.total}{rates}  {int(left) // 60}:{int(left) % 60:02d} left")
         self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()
         self.drawn = True
@@ -115,20 +133,27 @@ class Progress:
 
 
 class VisualDLLog:
-    """Per-epoch scalars for VisualDL in `<dir>/vdl`: SGD and SWA share a chart per metric."""
+    """Per-epoch scalars for VisualDL in `<dir>/vdl`: SGD and the average share a chart per
+    metric ("test SWA" or "test EMA")."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, average="swa"):
         from visualdl import LogWriter  # imported here: 0.2 s, and only runs that log need it
 
         self.writer = LogWriter(logdir=os.path.join(directory, "vdl"))
+        self.average = average or "swa"
+
+    def command(self):
+        """The shell command that shows these logs."""
+        return f"visualdl --logdir {shlex.quote(self.writer.logdir)}"
 
     def add(self, row):
         step = row["ep"]
-        for metric, keys in (("accuracy", ("tr_acc", "te_acc", "swa_te_acc")),
-                             ("loss", ("tr_loss", "te_loss", "swa_te_loss"))):
-            values = {name: row[key] for name, key in zip(("train", "test SGD", "test SWA"), keys)
+        average, label = self.average, f"test {AVERAGES[self.average]}"
+        for metric, chart in (("acc", "accuracy"), ("loss", "loss")):
+            keys = (f"tr_{metric}", f"te_{metric}", f"{average}_te_{metric}")
+            values = {name: row[key] for name, key in zip(("train", "test SGD", label), keys)
                       if row.get(key) is not None}
-            self.writer.add_scalars(metric, values, step)
+            self.writer.add_scalars(chart, values, step)
         self.writer.add_scalar("learning rate", row["lr"], step)
         if row.get("img_s"):
             self.writer.add_scalar("train images per second", row["img_s"], step)
@@ -159,8 +184,10 @@ def plot_runs(directories, out):
     for column, directory in enumerate(directories):
         rows = read_metrics(directory)
         top, bottom = axes[0][column], axes[1][column]
+        average = average_kind(rows[0].keys() if rows else ()) or "swa"
         for key, label, style in (("te_acc", "SGD", dict(color="tab:blue", marker="o")),
-                                  ("swa_te_acc", "SWA", dict(color="tab:red", marker="s"))):
+                                  (f"{average}_te_acc", AVERAGES[average],
+                                   dict(color="tab:red", marker="s"))):
             points = [(r["ep"], 100.0 - r[key]) for r in rows if r.get(key) is not None]
             if points:
                 top.plot(*zip(*points), label=label, markersize=3, linewidth=1.5, **style)

@@ -26,6 +26,24 @@ _FACTORIES = {
 }
 
 
+# Per-channel input normalisation of the original code (timgaripov/swa) for 3-channel
+# (CIFAR) images: ImageNet's statistics for the VGGs, CIFAR's for the ResNets. SimpleCNN is
+# this project's own and uses the dataset's statistics.
+_NORMALIZATION = {
+    "VGG": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "ResNet": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
+_FAMILY = {"VGG16": "VGG", "VGG16BN": "VGG", "VGG19": "VGG", "VGG19BN": "VGG",
+           "PreResNet110": "ResNet", "PreResNet164": "ResNet", "WideResNet28x10": "ResNet"}
+
+
+def normalization(name):
+    """(mean, std) per channel with which the original code fed 3-channel images to model
+    `name`, or None when it defines none (then the dataset's own statistics are used)."""
+    family = _FAMILY.get(canonical_name(name))
+    return _NORMALIZATION[family] if family else None
+
+
 def names():
     """The registered model names, sorted."""
     return sorted(_FACTORIES)

@@ -12,6 +12,7 @@ metrics.csv. Flags after `--` go to every train.py run.
 """
 import csv
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -20,34 +21,58 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 import report  # noqa: E402
 
 
 def build_parser():
-    p = report.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+    p = cli.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=cli.SEED, nargs="+", default=[1, 2, 3, 4, 5],
                    help="seeds to run (default: 1 2 3 4 5)")
     p.add_argument("--dataset", default="digits", help="dataset (default: digits)")
     p.add_argument("--model", default="SimpleCNN", help="model (default: SimpleCNN)")
-    p.add_argument("--epochs", type=int, default=60, help="budget in epochs for both (default: 60)")
-    p.add_argument("--swa_start", type=int, default=40, help="SWA start epoch (default: 40)")
-    p.add_argument("--swa_lr", type=float, default=0.05, help="SWA learning rate (default: 0.05)")
-    p.add_argument("--label_noise", type=float, default=0.0,
+    p.add_argument("--epochs", type=cli.POSITIVE_INT, default=60,
+                   help="budget in epochs for both (default: 60)")
+    p.add_argument("--swa_start", type=cli.NON_NEGATIVE_INT, default=40,
+                   help="SWA start epoch (default: 40)")
+    p.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, default=0.05,
+                   help="SWA learning rate (default: 0.05)")
+    p.add_argument("--label_noise", type=cli.number(float, 0, 1, high_open=True), default=0.0,
                    help="fraction of training labels replaced at random (default: 0)")
-    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
-                   help="runs at a time (default: the CPU count)")
-    p.add_argument("--out_dir", default="runs/compare", help="where runs and results go "
-                                                             "(default: runs/compare)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto uses the GPUs when Paddle has them: one run per visible GPU at a "
+                        "time; on a CPU, --jobs runs of one thread each (default: auto)")
+    p.add_argument("--jobs", type=cli.POSITIVE_INT,
+                   help="runs at a time on a CPU (default: the CPU count; on GPUs, their count)")
+    p.add_argument("--out_dir", default="runs/compare", type=cli.path_argument,
+                   help="where runs and results go (default: runs/compare)")
     p.add_argument("--overwrite", action="store_true", help="replace runs in --out_dir (default: off)")
     return p
 
 
-def train_command(args, method, seed, extra):
+def visible_gpus(choice):
+    """The GPU ids runs may use ([] for CPU runs); --device gpu without one is an error."""
+    if choice == "cpu":
+        return []
+    import runtime  # Paddle is imported only here: the CPU path starts fast
+
+    if not runtime.has_gpu():
+        if choice == "gpu":
+            raise cli.UsageError("--device gpu: this Paddle has no usable GPU; use --device cpu")
+        return []
+    import paddle
+
+    return list(range(paddle.device.cuda.device_count()))
+
+
+def train_command(args, method, seed, extra, device):
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", args.dataset,
                "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed),
                "--label_noise", str(args.label_noise), "--eval_freq", str(args.epochs),
-               "--save_freq", str(args.epochs), "--no_visualdl", "--threads", "1",
+               "--save_freq", str(args.epochs), "--no_visualdl", "--device", device,
                "--dir", os.path.join(args.out_dir, f"{method}-seed{seed}")]
+    if device == "cpu":
+        command += ["--threads", "1"]
     if method == "swa":
         command += ["--swa", "--swa_start", str(args.swa_start), "--swa_lr", str(args.swa_lr)]
     return command + (["--overwrite"] if args.overwrite else []) + extra
@@ -87,27 +112,42 @@ def plot(results, out):
     plt.close(fig)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+def run_all(args, extra):
+    """Every (method, seed) run, at most one per GPU or --jobs on a CPU at a time."""
+    gpus = visible_gpus(args.device)
+    slots = queue.Queue()
+    for slot in gpus or range(args.jobs or os.cpu_count() or 1):
+        slots.put(slot)
     jobs = [(method, seed) for seed in args.seeds for method in ("sgd", "swa")]
 
     def run(job):
         method, seed = job
-        done = subprocess.run(train_command(args, method, seed, extra), capture_output=True, text=True)
-        return job, done
+        slot = slots.get()
+        try:
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot)) if gpus else None
+            command = train_command(args, method, seed, extra, "gpu" if gpus else "cpu")
+            return job, subprocess.run(command, capture_output=True, text=True, env=env)
+        finally:
+            slots.put(slot)
 
     results = {"sgd": {}, "swa": {}}
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with ThreadPoolExecutor(slots.qsize()) as pool:
         for (method, seed), done in pool.map(run, jobs):
             if done.returncode != 0:
                 message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                print(f"compare.py: error: the {method} run with seed {seed} failed: {message}",
-                      file=sys.stderr)
-                return 2
+                raise cli.RunFailed(f"the {method} run with seed {seed} failed: {message}")
             results[method][seed] = final_scores(os.path.join(args.out_dir, f"{method}-seed{seed}"), method)
+    return results
+
+
+def compare(argv):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise cli.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = run_all(args, extra)
 
     with open(os.path.join(args.out_dir, "compare.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -127,6 +167,10 @@ def main(argv=None):
     plot(results, out)
     print(f"per-seed results: {os.path.join(args.out_dir, 'compare.csv')}; plot: {out}")
     return 0
+
+
+def main(argv=None):
+    return cli.main("compare.py", compare, argv)
 
 
 if __name__ == "__main__":

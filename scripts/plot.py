@@ -10,11 +10,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 import report  # noqa: E402
 
 
 def main(argv=None):
-    p = report.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories holding metrics.csv")
     p.add_argument("--out", help="PNG to write (default: DIR/convergence.png for one run, "
                                  "convergence.png for several)")

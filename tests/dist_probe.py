@@ -16,9 +16,10 @@ import runtime  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 
+import checkpoints  # noqa: E402
+import engine  # noqa: E402
 import report  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 
 probe_dir = sys.argv[1]
 sys.argv = ["train.py"] + sys.argv[2:]
@@ -26,8 +27,8 @@ rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
 record = {"saves": 0, "record_run": 0, "metrics_files": 0, "test_counts": []}
 captured = {}
 
-real_save, real_record, real_setup = utils.save_checkpoint, train.record_run, train.setup
-real_metrics_init, real_run_epoch = report.MetricsFile.__init__, utils.run_epoch
+real_save, real_record, real_setup = checkpoints.save_checkpoint, train.record_run, train.setup
+real_metrics_init, real_run_epoch = report.MetricsFile.__init__, engine.run_epoch
 
 
 def counting_save(*args, **kwargs):
@@ -45,8 +46,8 @@ def counting_metrics(self, *args, **kwargs):
     return real_metrics_init(self, *args, **kwargs)
 
 
-def capturing_setup(args):
-    run, start = real_setup(args)
+def capturing_setup(*args):
+    run, start = real_setup(*args)
     captured["run"] = run
     return run, start
 
@@ -58,8 +59,8 @@ def counting_run_epoch(batches, model, optimizer=None, **kwargs):
     return result
 
 
-utils.save_checkpoint, train.record_run, train.setup = counting_save, counting_record, capturing_setup
-report.MetricsFile.__init__, utils.run_epoch = counting_metrics, counting_run_epoch
+checkpoints.save_checkpoint, train.record_run, train.setup = counting_save, counting_record, capturing_setup
+report.MetricsFile.__init__, engine.run_epoch = counting_metrics, counting_run_epoch
 code = train.main()
 run = captured["run"]
 state = {f"sgd/{k}": v.numpy() for k, v in run.model.state_dict().items()}

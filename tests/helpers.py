@@ -1,5 +1,7 @@
 """Shared test helpers: running the scripts as a user would, and tiny official-format data."""
+import contextlib
 import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -17,6 +19,26 @@ def run_script(script, *args, timeout=300, env=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_main(main, *args):
+    """Call a script's `main(argv)` in this process, as `run_script` runs it in another (no
+    Paddle start-up per call); returns a CompletedProcess with its exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors and --help
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def script(name):
+    """The module scripts/<name>.py (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_cifar10(folder, per_batch=20, seed=0, extracted=False):
@@ -81,10 +103,13 @@ def write_mnist(folder, train=40, test=20, seed=0):
 
 
 def snapshot_dir(path):
-    """{relative file name: bytes} of everything in `path`, to show nothing was changed."""
+    """{relative file name: bytes} of everything in `path` but the lock file (which a refused
+    command may leave), to show nothing was changed."""
     out = {}
     for base, _, files in os.walk(path):
         for name in files:
+            if name == ".lock":
+                continue
             full = os.path.join(base, name)
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = f.read()

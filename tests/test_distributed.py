@@ -27,9 +27,9 @@ def test_rank_zero_alone_writes(two_process_run):
     rank1 = json.loads((base / "probe" / "rank1.json").read_text())
     assert rank0["saves"] == 2 and rank0["record_run"] == 1 and rank0["metrics_files"] == 1
     assert rank1 == dict(rank1, saves=0, record_run=0, metrics_files=0)
-    assert sorted(os.listdir(base / "run")) == ["args.json", "checkpoint-0.pdparams",
+    assert sorted(os.listdir(base / "run")) == [".lock", "args.json", "checkpoint-0.pdparams",
                                                 "checkpoint-4.pdparams", "command.sh",
-                                                "convergence.png", "metrics.csv", "vdl"]
+                                                "convergence.png", "metrics.csv", "run.json", "vdl"]
     assert "2 processes x 64" in output
 
 
@@ -76,6 +76,6 @@ def test_two_nodes_on_one_machine_with_the_launch_script(tmp_path):
              for rank in (1, 0)]
     machine1, machine0 = finish(nodes)
     assert "2 processes x 64" in machine0 and re.search(r"\n\s+2\s+0\.1\s", machine0)
-    assert sorted(os.listdir(tmp_path / "run")) == ["args.json", "checkpoint-0.pdparams",
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "args.json", "checkpoint-0.pdparams",
                                                     "checkpoint-2.pdparams", "command.sh",
-                                                    "convergence.png", "metrics.csv", "vdl"]
+                                                    "convergence.png", "metrics.csv", "run.json", "vdl"]

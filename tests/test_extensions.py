@@ -1,5 +1,5 @@
-"""The ways users asked for SWA: fit callback, schedules, pretrained start, offline averaging,
-SGD-vs-SWA comparisons, label noise."""
+"""The ways users asked for SWA: schedules, pretrained start, offline averaging, SGD-vs-SWA
+comparisons, label noise."""
 import os
 import re
 
@@ -7,91 +7,16 @@ import numpy as np
 import paddle
 import pytest
 
+import checkpoints
 import data
 import models
 import report
-import utils
-from helpers import one_line_error, run_script
+import schedules
+import eval as evaluation
+import train
+from helpers import one_line_error, run_main, run_script, script
 
 QUICK = ["--dataset", "digits", "--model", "SimpleCNN", "--no_visualdl"]
-
-
-# --------------------------------------------------------------------------- callback
-
-class Recorder(paddle.callbacks.Callback):
-    """Snapshots the network after every epoch and the rate before every batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.snapshots, self.rates = [], []
-
-    def on_train_batch_begin(self, step, logs=None):
-        self.rates.append(self.model._optimizer.get_lr())
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.snapshots.append({k: v.numpy().copy() for k, v in self.model.network.state_dict().items()})
-
-
-def _fit(epochs, callback_kwargs):
-    ds = data.load_dataset("digits")
-    batches = [[x.numpy(), y.numpy()] for x, y in data.Batches(ds.train, 128, ds.mean, ds.std)(epoch=0)]
-    paddle.seed(0)
-    network = models.build("SimpleCNN", 10, 1)
-    model = paddle.Model(network)
-    model.prepare(paddle.optimizer.Momentum(0.1, parameters=network.parameters()),
-                  paddle.nn.CrossEntropyLoss())
-    swa = utils.SWACallback(bn_data=batches, **callback_kwargs)
-    recorder = Recorder()
-    model.fit(batches, epochs=epochs, verbose=0, callbacks=[swa, recorder])
-    return model, swa, recorder, batches
-
-
-def test_callback_leaves_the_mean_of_its_snapshots_with_fresh_batchnorm(tmp_path):
-    model, swa, recorder, batches = _fit(5, dict(swa_start=3, swa_lr=0.02))
-    averaged = recorder.snapshots[2:]  # after epochs 3, 4, 5
-    assert swa.swa.n == 3
-    final = {k: v.numpy() for k, v in model.network.state_dict().items()}
-    trainable = [n for n, p in model.network.named_parameters() if not p.stop_gradient]
-    for key in trainable:
-        np.testing.assert_allclose(final[key], np.mean([s[key] for s in averaged], axis=0),
-                                   rtol=1e-5, atol=1e-6, err_msg=key)
-    # BatchNorm statistics: those of the mean weights, recomputed on the same batches.
-    reference = models.build("SimpleCNN", 10, 1)
-    utils.load_weights(reference, {k: np.mean([s[k] for s in averaged], axis=0) for k in final})
-    utils.bn_update(batches, reference)
-    for key, value in reference.state_dict().items():
-        if key.endswith(("_mean", "_variance")):
-            np.testing.assert_allclose(final[key], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
-    # Constant SWA rate from the first averaged epoch on.
-    steps = len(batches)
-    assert recorder.rates[:2 * steps] == [pytest.approx(0.1)] * (2 * steps)
-    assert recorder.rates[2 * steps:] == [pytest.approx(0.02)] * (3 * steps)
-    # Saved and loaded with paddle.Model like any weights; SGD weights come back on request.
-    model.save(str(tmp_path / "swa"))
-    loaded = paddle.Model(models.build("SimpleCNN", 10, 1))
-    loaded.load(str(tmp_path / "swa"), skip_mismatch=False, reset_optimizer=True)
-    for key, value in loaded.network.state_dict().items():
-        np.testing.assert_array_equal(value.numpy(), final[key])
-    swa.restore_sgd()
-    for key, value in model.network.state_dict().items():
-        np.testing.assert_array_equal(value.numpy(), recorder.snapshots[-1][key])
-
-
-def test_callback_cyclic_rates_and_refusals():
-    _, swa, recorder, batches = _fit(4, dict(swa_start=2, swa_freq=2, swa_lr=0.01,
-                                             lr_schedule="cyclic"))
-    steps = len(batches)
-    expected = [utils.cyclic_lr(e, s, steps, 0.1, 0.01, 2, 2) for e in range(4) for s in range(steps)]
-    np.testing.assert_allclose(recorder.rates, expected, rtol=1e-6)
-    assert recorder.rates[2 * steps - 1] == pytest.approx(0.01) and swa.swa.n == 2
-    with pytest.raises(ValueError, match="bn_data"):
-        network = models.build("SimpleCNN", 10, 1)
-        model = paddle.Model(network)
-        model.prepare(paddle.optimizer.Momentum(0.1, parameters=network.parameters()),
-                      paddle.nn.CrossEntropyLoss())
-        model.fit(batches, epochs=1, verbose=0, callbacks=[utils.SWACallback(swa_start=1)])
-    with pytest.raises(ValueError, match="swa_lr"):
-        utils.SWACallback(swa_start=1, lr_schedule="cyclic")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -106,23 +31,23 @@ def test_callback_cyclic_rates_and_refusals():
     (11, 9, 0.01),
 ])
 def test_cyclic_lr_change_points(epoch, step, expected):
-    assert utils.cyclic_lr(epoch, step, 10, 0.1, 0.01, swa_start=10, swa_c_epochs=2) == \
+    assert schedules.cyclic_lr(epoch, step, 10, 0.1, 0.01, swa_start=10, swa_c_epochs=2) == \
         pytest.approx(expected)
 
 
 @pytest.mark.parametrize("epoch, expected", [(0, 0.1), (39, 0.1), (40, 0.01), (59, 0.01),
                                              (60, 0.001), (79, 0.001), (80, 0.05), (99, 0.05)])
 def test_step_decay_lr_change_points(epoch, expected):
-    assert utils.step_decay_lr(epoch, 0.1, 100, swa_start=80, swa_lr=0.05) == pytest.approx(expected)
+    assert schedules.step_decay_lr(epoch, 0.1, 100, swa_start=80, swa_lr=0.05) == pytest.approx(expected)
 
 
 def test_step_decay_without_swa_and_schedule_dispatch():
-    assert [utils.step_decay_lr(e, 1.0, 100) for e in (49, 50, 75, 99)] == \
+    assert [schedules.step_decay_lr(e, 1.0, 100) for e in (49, 50, 75, 99)] == \
         pytest.approx([1.0, 0.1, 0.01, 0.01])
-    assert utils.learning_rate("descent", 80, 0, 10, 0.1, 100, 80, 0.05) == pytest.approx(0.05)
-    assert utils.learning_rate("linear", 0, 0, 10, 0.1, 100, 0, 0.02) == pytest.approx(0.02)
+    assert schedules.learning_rate("descent", 80, 0, 10, 0.1, 100, 80, 0.05) == pytest.approx(0.05)
+    assert schedules.learning_rate("linear", 0, 0, 10, 0.1, 100, 0, 0.02) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="swa_start"):
-        utils.learning_rate("cyclic", 0, 0, 10, 0.1, 100)
+        schedules.learning_rate("cyclic", 0, 0, 10, 0.1, 100)
 
 
 @pytest.mark.parametrize("schedule, flags", [
@@ -130,53 +55,53 @@ def test_step_decay_without_swa_and_schedule_dispatch():
     ("descent", ["--swa_start", "4", "--swa_lr", "0.05"]),
 ])
 def test_train_py_follows_the_schedule(tmp_path, schedule, flags):
-    result = run_script("train.py", *QUICK, "--epochs", 6, "--eval_freq", 1, "--swa", *flags,
+    result = run_main(train.main, *QUICK, "--epochs", 6, "--eval_freq", 1, "--swa", *flags,
                         "--lr_schedule", schedule, "--dir", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = report.read_metrics(str(tmp_path))
     swa_start = int(flags[1])
     c = int(flags[3]) if schedule == "cyclic" else 1
     swa_lr = float(flags[-1])
-    expected = [utils.learning_rate(schedule, e, 0, 12, 0.1, 6, swa_start, swa_lr, c) for e in range(6)]
+    expected = [schedules.learning_rate(schedule, e, 0, 12, 0.1, 6, swa_start, swa_lr, c) for e in range(6)]
     np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-4)
     assert [r["ep"] for r in rows if r["swa_te_acc"] is not None] == ([4, 6] if c == 2 else [4, 5, 6])
 
 
 def test_cyclic_schedule_needs_swa(tmp_path):
-    one_line_error(run_script("train.py", *QUICK, "--lr_schedule", "cyclic", "--dir", tmp_path),
+    one_line_error(run_main(train.main, *QUICK, "--lr_schedule", "cyclic", "--dir", tmp_path),
                    "--lr_schedule cyclic", "--swa")
 
 
 # --------------------------------------------------------------------------- pretrained start
 
 def test_swa_fine_tunes_from_given_weights(tmp_path):
-    first = run_script("train.py", *QUICK, "--epochs", 3, "--dir", tmp_path / "pre")
+    first = run_main(train.main, *QUICK, "--epochs", 3, "--dir", tmp_path / "pre")
     assert first.returncode == 0, first.stderr
-    pretrained = utils.load_checkpoint(str(tmp_path / "pre" / "checkpoint-3.pdparams"))["state_dict"]
+    pretrained = checkpoints.load_checkpoint(str(tmp_path / "pre" / "checkpoint-3.pdparams"))["state_dict"]
     plain = tmp_path / "weights.pdparams"
     paddle.save(pretrained, str(plain))
     for source in (tmp_path / "pre" / "checkpoint-3.pdparams", plain):
         run_dir = tmp_path / f"ft-{source.stem}"
-        result = run_script("train.py", *QUICK, "--epochs", 2, "--swa", "--swa_start", 0,
+        result = run_main(train.main, *QUICK, "--epochs", 2, "--swa", "--swa_start", 0,
                             "--swa_lr", 0.01, "--init", source, "--dir", run_dir)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"starting from {source}" in result.stdout
-        start = utils.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))["state_dict"]
+        start = checkpoints.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))["state_dict"]
         for key, value in pretrained.items():
             np.testing.assert_array_equal(start[key].numpy(), value.numpy(), err_msg=key)
         rows = report.read_metrics(str(run_dir))
         assert [r["lr"] for r in rows] == [pytest.approx(0.01)] * 2  # swa_lr from the start
-        assert utils.load_checkpoint(str(run_dir / "checkpoint-2.pdparams"))["swa_n"] == 2
+        assert checkpoints.load_checkpoint(str(run_dir / "checkpoint-2.pdparams"))["swa_n"] == 2
 
 
 def test_bad_init_files_are_refused(tmp_path):
     (tmp_path / "noise.pdparams").write_bytes(b"\x00\x01 not paddle")
-    one_line_error(run_script("train.py", *QUICK, "--init", tmp_path / "noise.pdparams",
+    one_line_error(run_main(train.main, *QUICK, "--init", tmp_path / "noise.pdparams",
                               "--dir", tmp_path / "a"), "noise.pdparams", "unreadable")
     paddle.save(models.build("SimpleCNN", 10, 3).state_dict(), str(tmp_path / "rgb.pdparams"))
-    one_line_error(run_script("train.py", *QUICK, "--init", tmp_path / "rgb.pdparams",
+    one_line_error(run_main(train.main, *QUICK, "--init", tmp_path / "rgb.pdparams",
                               "--dir", tmp_path / "b"), "rgb.pdparams", "does not match")
-    one_line_error(run_script("train.py", *QUICK, "--init", tmp_path / "none.pdparams",
+    one_line_error(run_main(train.main, *QUICK, "--init", tmp_path / "none.pdparams",
                               "--dir", tmp_path / "c"), "none.pdparams does not exist")
 
 
@@ -185,7 +110,7 @@ def test_bad_init_files_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("avg") / "run"
-    result = run_script("train.py", *QUICK, "--epochs", 4, "--save_freq", 1, "--dir", run_dir)
+    result = run_main(train.main, *QUICK, "--epochs", 4, "--save_freq", 1, "--dir", run_dir)
     assert result.returncode == 0, result.stderr
     return run_dir
 
@@ -193,34 +118,32 @@ def saved_run(tmp_path_factory):
 def test_average_checkpoints_is_their_mean_and_evaluates(saved_run, tmp_path):
     paths = [saved_run / f"checkpoint-{e}.pdparams" for e in (2, 3, 4)]
     out = tmp_path / "avg.pdparams"
-    result = run_script(os.path.join("scripts", "average_checkpoints.py"), *paths, "--out", out)
+    result = run_main(script("average_checkpoints").main, *paths, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "averaged 3 checkpoints (epochs 2, 3, 4)" in result.stdout
-    averaged = utils.load_checkpoint(str(out))
-    states = [utils.load_checkpoint(str(p))["state_dict"] for p in paths]
+    averaged = checkpoints.load_checkpoint(str(out))
+    states = [checkpoints.load_checkpoint(str(p))["state_dict"] for p in paths]
     for key, value in averaged["swa_state_dict"].items():
         expected = np.mean([s[key].numpy() for s in states], axis=0)
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
     printed = float(re.search(r"accuracy ([\d.]+)%", result.stdout)[1])
-    evaluated = run_script("eval.py", "--model_path", out)
-    assert evaluated.stdout.startswith("SWA weights (average of 3 models")
-    assert float(re.search(r"accuracy ([\d.]+)%", evaluated.stdout)[1]) == pytest.approx(printed, abs=1e-4) \
-        or "recomputed" in evaluated.stdout  # eval.py refreshes statistics that were only averaged
-    refreshed = run_script(os.path.join("scripts", "average_checkpoints.py"), *paths, "--out",
+    evaluated = run_main(evaluation.main, "--model_path", out)
+    assert "SWA weights (average of 3 models, BatchNorm statistics recomputed)" in evaluated.stdout
+    refreshed = run_main(script("average_checkpoints").main, *paths, "--out",
                            tmp_path / "avg_bn.pdparams", "--bn_update")
     assert "statistics recomputed" in refreshed.stdout
-    again = run_script("eval.py", "--model_path", tmp_path / "avg_bn.pdparams")
+    again = run_main(evaluation.main, "--model_path", tmp_path / "avg_bn.pdparams")
     assert float(re.search(r"accuracy ([\d.]+)%", again.stdout)[1]) == \
         pytest.approx(float(re.search(r"accuracy ([\d.]+)%", refreshed.stdout)[1]), abs=1e-4)
 
 
 def test_average_checkpoints_refuses_mixed_architectures_and_overwrites(saved_run, tmp_path):
     other = models.build("SimpleCNN", 10, 3)
-    foreign = utils.save_checkpoint(str(tmp_path), 9, state_dict=other.state_dict(), optimizer={})
-    script = os.path.join("scripts", "average_checkpoints.py")
-    one_line_error(run_script(script, saved_run / "checkpoint-4.pdparams", foreign, "--out",
+    foreign = checkpoints.save_checkpoint(str(tmp_path), 9, state_dict=other.state_dict(), optimizer={})
+    average = script("average_checkpoints").main
+    one_line_error(run_main(average, saved_run / "checkpoint-4.pdparams", foreign, "--out",
                               tmp_path / "x.pdparams"), "checkpoint-9.pdparams", "same architecture")
-    one_line_error(run_script(script, saved_run / "checkpoint-4.pdparams", "--out",
+    one_line_error(run_main(average, saved_run / "checkpoint-4.pdparams", "--out",
                               saved_run / "checkpoint-3.pdparams"), "exists", "--overwrite")
     assert not (tmp_path / "x.pdparams").exists()
 

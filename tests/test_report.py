@@ -20,7 +20,7 @@ def test_progress_bar_draws_on_a_terminal_only(monkeypatch):
     monkeypatch.setenv("TERM", "xterm")
     terminal = FakeTerminal()
     bar = report.Progress(terminal)
-    bar.start(epoch=3, epochs=10, total_steps=4)
+    bar.start("epoch 3/10", total_steps=4)
     for step in range(1, 5):
         bar.update(step, {"loss_sum": 2.0 * step * 8, "count": step * 8})
     bar.clear()
@@ -30,7 +30,7 @@ def test_progress_bar_draws_on_a_terminal_only(monkeypatch):
     monkeypatch.setenv("JPY_PARENT_PID", "1")  # a notebook's pseudo-terminal
     for stream in (io.StringIO(), FakeTerminal()):
         quiet = report.Progress(stream)
-        quiet.start(1, 1, 1)
+        quiet.start("epoch 1/1", 1)
         quiet.update(1, {"loss_sum": 1.0, "count": 1})
         quiet.clear()
         assert stream.getvalue() == ""

@@ -4,18 +4,24 @@ import os
 import numpy as np
 import pytest
 
+import checkpoints
 import report
-import utils
-from helpers import run_script
+import train
+from helpers import run_main, run_script
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "6", "--swa", "--swa_start", "3",
        "--swa_lr", "0.05", "--save_freq", "1", "--eval_freq", "2"]
 
 
 def _weights(run_dir, epoch=6):
-    ckpt = utils.load_checkpoint(str(run_dir / f"checkpoint-{epoch}.pdparams"))
-    return {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
-            for key, value in ckpt[part].items()}
+    """Every tensor of the final checkpoint: SGD weights, average, SWAG statistics."""
+    ckpt = checkpoints.load_checkpoint(str(run_dir / f"checkpoint-{epoch}.pdparams"))
+    weights = {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
+               for key, value in ckpt[part].items()}
+    if ckpt.get("swag_var_sum") is not None:
+        weights["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
+        weights.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
+    return weights
 
 
 def _metrics(run_dir):
@@ -30,32 +36,46 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+VARIANTS = {"swa": [], "swag": ["--swag", "--swag_rank", "2"], "ema": ["--ema_decay", "0.9"]}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("resume") / "whole"
-    result = run_script("train.py", *RUN, "--dir", run_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir
+def finished(tmp_path_factory):
+    """Uninterrupted runs: plain SWA, with SWAG, with an EMA."""
+    base = tmp_path_factory.mktemp("resume")
+    for name, extra in VARIANTS.items():
+        result = run_main(train.main, *RUN, *extra, "--dir", base / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return base
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished):
+    return finished / "swa"
 
 
 def test_same_seed_twice_gives_identical_weights(uninterrupted, tmp_path):
-    result = run_script("train.py", *RUN, "--dir", tmp_path / "again")
+    result = run_main(train.main, *RUN, "--dir", tmp_path / "again")
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_identical(_weights(uninterrupted), _weights(tmp_path / "again"))
-    other = run_script("train.py", *RUN, "--seed", "2", "--dir", tmp_path / "seed2")
+    other = run_main(train.main, *RUN, "--seed", "2", "--dir", tmp_path / "seed2")
     assert other.returncode == 0
     assert not np.array_equal(_weights(uninterrupted)["swa_state_dict/fc.weight"],
                               _weights(tmp_path / "seed2")["swa_state_dict/fc.weight"])
 
 
-@pytest.mark.parametrize("point, nth, sig, extra", [
-    ("step", 25, "KILL", []),                       # mid-epoch 3, while preparing a batch
-    ("save", 3, "KILL", []),                        # half of checkpoint-2 on disk
-    ("bn", 2, "KILL", []),                          # inside the second BatchNorm refresh
-    ("step", 30, "TERM", ["--num_workers", "2"]),   # graceful stop mid-epoch, worker threads
-    ("bn", 1, "INT", []),                           # Ctrl-C during a refresh
+@pytest.mark.parametrize("point, nth, sig, extra, variant", [
+    ("step", 25, "KILL", [], "swa"),                      # mid-epoch 3, while preparing a batch
+    ("save", 3, "KILL", [], "swa"),                       # half of checkpoint-2 on disk
+    ("bn", 2, "KILL", [], "swa"),                         # inside the second BatchNorm refresh
+    ("step", 30, "TERM", ["--num_workers", "2"], "swa"),  # graceful stop mid-epoch, worker threads
+    ("bn", 1, "INT", [], "swa"),                          # Ctrl-C during a refresh
+    ("step", 40, "TERM", [], "swag"),                     # SWAG statistics mid-run
+    ("step", 40, "KILL", [], "ema"),                      # an EMA updated every step
 ])
-def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, point, nth, sig, extra):
+def test_interrupted_run_resumes_bit_identically(finished, tmp_path, point, nth, sig, extra, variant):
+    uninterrupted = finished / variant
+    extra = extra + VARIANTS[variant]
     run_dir = tmp_path / "run"
     killed = run_script(os.path.join("tests", "interrupt.py"), point, nth, sig, *RUN, *extra,
                         "--dir", run_dir)
@@ -66,10 +86,10 @@ def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, point,
         assert "--resume auto" in message and "saved" in message
     for name in os.listdir(run_dir):  # every checkpoint left behind loads
         if name.endswith(".pdparams"):
-            utils.load_checkpoint(str(run_dir / name))
+            checkpoints.load_checkpoint(str(run_dir / name))
     assert not (run_dir / "checkpoint-6.pdparams").exists()
 
-    resumed = run_script("train.py", *RUN, *extra, "--dir", run_dir, "--resume", "auto")
+    resumed = run_main(train.main, *RUN, *extra, "--dir", run_dir, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     _assert_identical(_weights(uninterrupted), _weights(run_dir))
@@ -79,16 +99,16 @@ def test_interrupted_run_resumes_bit_identically(uninterrupted, tmp_path, point,
 
 def test_nan_loss_stops_at_once_and_keeps_checkpoints(tmp_path):
     run_dir = tmp_path / "nan"
-    result = run_script("train.py", *RUN, "--lr_init", "1e5", "--dir", run_dir)
+    result = run_main(train.main, *RUN, "--lr_init", "1e5", "--dir", run_dir)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert "loss became nan at epoch 1 step" in message and "Traceback" not in result.stderr
-    ckpt = utils.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))
+    ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))
     assert all(np.isfinite(v.numpy()).all() for v in ckpt["state_dict"].values())
     assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams")) == ["checkpoint-0.pdparams"]
 
 
 def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):
-    result = run_script("train.py", *RUN, "--dir", tmp_path / "fresh", "--resume", "auto")
+    result = run_main(train.main, *RUN, "--dir", tmp_path / "fresh", "--resume", "auto")
     assert result.returncode == 0 and "resuming" not in result.stdout
     _assert_identical(_weights(uninterrupted), _weights(tmp_path / "fresh"))

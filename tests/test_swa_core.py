@@ -1,38 +1,77 @@
-"""The SWA core (utils.py) against values computed independently with numpy."""
+"""The averaging core (utils.py) against values computed independently with numpy."""
+import copy
+
 import numpy as np
 import paddle
 import pytest
 
+import checkpoints
+import engine
 import models
 import utils
 
+HAS_CUDA = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
 
 def _snapshot(model):
-    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    """Every tensor of the state dict as float64 numpy (bfloat16 read through float32)."""
+    return {k: v.astype("float32").numpy().astype(np.float64) if v.is_floating_point() else v.numpy()
+            for k, v in model.state_dict().items()}
 
 
 def _randomise(model, rng):
     with paddle.no_grad():
         for p in model.parameters():
-            p.set_value(rng.standard_normal(p.shape).astype("float32"))
+            value = paddle.to_tensor(rng.standard_normal(p.shape).astype("float32"))
+            paddle.assign(value.astype(p.dtype), output=p)
 
+
+def _pointers(model):
+    return {name: t.data_ptr() for name, t in utils._named_tensors(model)}
+
+
+def _feed(swa, model, rng, count):
+    """`count` updates with random weights; returns the weights given (float64 snapshots)."""
+    snapshots = []
+    for _ in range(count):
+        _randomise(model, rng)
+        snapshots.append(_snapshot(model))
+        swa.update(model)
+    return snapshots
+
+
+def _assert_mean(swa, snapshots, rtol=1e-5, atol=1e-6):
+    for key, value in _snapshot(swa.model).items():
+        expected = np.mean([s[key] for s in snapshots], axis=0)
+        np.testing.assert_allclose(value, expected, rtol=rtol, atol=atol, err_msg=key)
+
+
+# --------------------------------------------------------------------------- equal average
 
 def test_average_of_k_snapshots_is_their_mean():
     rng = np.random.default_rng(0)
     model = models.build("SimpleCNN", num_classes=4, in_channels=1)
     swa = utils.SWA(model)
-    snapshots = []
-    for _ in range(5):
-        _randomise(model, rng)
-        snapshots.append(_snapshot(model))
-        swa.update(model)
+    snapshots = _feed(swa, model, rng, 5)
     assert swa.n == 5
-    averaged = _snapshot(swa.model)
-    for key in averaged:
-        expected = np.mean([s[key] for s in snapshots], axis=0, dtype=np.float64)
-        np.testing.assert_allclose(averaged[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+    _assert_mean(swa, snapshots)
     # BatchNorm statistics are averaged too (documented), so they are really covered.
-    assert any(key.endswith("_variance") for key in averaged)
+    assert any(key.endswith("_variance") for key in _snapshot(swa.model))
+
+
+def test_update_never_changes_the_trained_models_memory_or_values():
+    rng = np.random.default_rng(1)
+    model = models.build("PreResNet110", num_classes=3)
+    swa = utils.SWA(model)
+    pointers = _pointers(model)
+    for _ in range(3):
+        _randomise(model, rng)
+        before = _snapshot(model)
+        swa.update(model)
+        assert _pointers(model) == pointers
+        for key, value in _snapshot(model).items():
+            np.testing.assert_array_equal(value, before[key], err_msg=key)
+    assert not set(_pointers(swa.model).values()) & set(pointers.values())
 
 
 def test_moving_average_weights_and_refuses_other_architectures():
@@ -43,9 +82,204 @@ def test_moving_average_weights_and_refuses_other_architectures():
     for key, value in _snapshot(a).items():
         np.testing.assert_allclose(value, 0.75 * before_a[key] + 0.25 * before_b[key],
                                    rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="models differ"):
+    with pytest.raises(ValueError, match="fc.weight has shape"):
         utils.moving_average(a, models.build("SimpleCNN", num_classes=5), 0.5)
 
+
+def test_model_cast_to_float16_after_an_update_is_followed_and_left_float16():
+    rng = np.random.default_rng(2)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model)
+    _randomise(model, rng)
+    snapshots = [_snapshot(model)]
+    swa.update(model)
+    model.to(dtype="float16")
+    _randomise(model, rng)
+    snapshots.append(_snapshot(model))  # the float16 values, exactly, in float64
+    pointers = _pointers(model)
+    swa.update(model)
+    assert {str(p.dtype) for p in model.parameters()} == {"paddle.float16"}
+    assert _pointers(model) == pointers
+    assert {str(p.dtype) for p in swa.model.parameters()} == {"paddle.float32"}
+    _assert_mean(swa, snapshots)
+
+
+def test_a_replaced_layer_is_averaged_from_then_on():
+    rng = np.random.default_rng(3)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model)
+    _randomise(model, rng)
+    first = _snapshot(model)
+    swa.update(model)
+    model.fc = paddle.nn.Linear(64, 3)  # fine-tuning swaps the head
+    second = _snapshot(model)
+    swa.update(model)
+    np.testing.assert_allclose(_snapshot(swa.model)["fc.weight"],
+                               (first["fc.weight"] + second["fc.weight"]) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_that_no_longer_fits_is_refused_naming_the_tensor():
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model)
+    swa.update(model)
+    model.fc = paddle.nn.Linear(64, 7)
+    with pytest.raises(ValueError, match=r"fc.weight has shape \[64, 7\], the average's \[64, 3\]"):
+        swa.update(model)
+    model.extra = paddle.nn.Linear(2, 2)
+    model.fc = paddle.nn.Linear(64, 3)
+    with pytest.raises(ValueError, match="extra.weight, which the average has not"):
+        swa.update(model)
+
+
+def test_bfloat16_model_is_averaged_in_float32_with_equal_weights():
+    rng = np.random.default_rng(4)
+    model = models.build("SimpleCNN", num_classes=3)
+    model.to(dtype="bfloat16")
+    swa = utils.SWA(model)
+    snapshots = _feed(swa, model, rng, 3)  # weights 1, 1/2, 1/3 (0.33398 in bfloat16)
+    assert {str(p.dtype) for p in swa.model.parameters()} == {"paddle.float32"}
+    _assert_mean(swa, snapshots, rtol=1e-6, atol=1e-6)
+
+
+def test_amp_o2_model_is_averaged_in_float32_and_the_average_evaluates():
+    # paddle.amp.decorate(level="O2") casts a model on a GPU and is a no-op on a CPU; its
+    # casting step is applied directly here, keeping BatchNorm in float32 as it does.
+    rng = np.random.default_rng(5)
+    model = models.build("SimpleCNN", num_classes=3)
+    paddle.amp.decorate(models=model, level="O2", dtype="bfloat16")
+    from paddle.amp.auto_cast import amp_initialize
+    amp_initialize([model], "bfloat16", None)
+    dtypes = {name: str(p.dtype) for name, p in model.named_parameters()}
+    assert dtypes["fc.weight"] == "paddle.bfloat16" and dtypes["features.1._mean"] == "paddle.float32"
+    swa = utils.SWA(model)
+    snapshots = _feed(swa, model, rng, 2)
+    _assert_mean(swa, snapshots)
+    assert {name: str(p.dtype) for name, p in model.named_parameters()} == dtypes
+    swa.model.eval()
+    with paddle.no_grad():
+        out = swa.model(paddle.randn([2, 3, 16, 16]))
+    assert out.dtype == paddle.float32 and np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fused_path_equals_plain_path(monkeypatch, dtype):
+    def averaged(fused):
+        rng = np.random.default_rng(6)
+        model = models.build("PreResNet110", num_classes=3)
+        model.to(dtype=dtype)
+        swa = utils.SWA(model)
+        monkeypatch.setattr(utils, "_fused_lerp_works", lambda place: fused)
+        for _ in range(3):
+            _randomise(model, rng)
+            swa.update(model)
+        assert swa._averager.fused is fused
+        return _snapshot(swa.model)
+
+    fused, plain = averaged(True), averaged(False)
+    for key in fused:
+        np.testing.assert_allclose(fused[key], plain[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_a_fused_kernel_that_disagrees_is_not_used(monkeypatch):
+    def wrong(averages, models_, scratch, alpha):
+        for avg in averages:
+            avg.zero_()
+
+    monkeypatch.setattr(utils, "_fused_lerp", wrong)
+    monkeypatch.setattr(utils, "_FUSED_LERP_CHECKED", {})
+    rng = np.random.default_rng(7)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model)
+    snapshots = _feed(swa, model, rng, 3)
+    assert not swa._averager.fused
+    _assert_mean(swa, snapshots)
+
+
+def test_a_fused_kernel_that_raises_falls_back_to_the_plain_path(monkeypatch):
+    def rejects(*args):
+        raise TypeError("merged_momentum_(): signature changed")
+
+    rng = np.random.default_rng(8)
+    model = models.build("PreResNet110", num_classes=3)
+    swa = utils.SWA(model)
+    snapshots = []
+    _randomise(model, rng)
+    snapshots.append(_snapshot(model))
+    swa.update(model)
+    monkeypatch.setattr(utils, "_fused_lerp", rejects)
+    for _ in range(2):
+        _randomise(model, rng)
+        snapshots.append(_snapshot(model))
+        swa.update(model)
+    assert not swa._averager.fused
+    _assert_mean(swa, snapshots)
+
+
+def test_statistics_left_out_of_the_average_are_the_models_latest():
+    rng = np.random.default_rng(9)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model, average_statistics=False)
+    snapshots = []
+    for _ in range(3):
+        _randomise(model, rng)
+        with paddle.no_grad():
+            model.features[1]._mean.set_value(rng.standard_normal(16).astype("float32"))
+        snapshots.append(_snapshot(model))
+        swa.update(model)
+    averaged = _snapshot(swa.model)
+    np.testing.assert_array_equal(averaged["features.1._mean"], snapshots[-1]["features.1._mean"])
+    np.testing.assert_allclose(averaged["fc.weight"], np.mean([s["fc.weight"] for s in snapshots], 0),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- EMA
+
+def test_ema_follows_the_numpy_recurrence_and_copies_first():
+    rng = np.random.default_rng(10)
+    model = models.build("SimpleCNN", num_classes=3)
+    ema = utils.SWA(model, ema_decay=0.9)
+    expected = None
+    for _ in range(6):
+        _randomise(model, rng)
+        now = _snapshot(model)
+        expected = dict(now) if expected is None else {k: 0.9 * expected[k] + 0.1 * now[k] for k in now}
+        ema.update(model)
+    for key, value in _snapshot(ema.model).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert ema.n == 6
+    with pytest.raises(ValueError, match="ema_decay"):
+        utils.SWA(model, ema_decay=1.0)
+
+
+def test_ema_resumed_from_its_state_is_bit_identical(tmp_path):
+    rng = np.random.default_rng(11)
+    model = models.build("PreResNet110", num_classes=3)
+    weights = []
+    for _ in range(5):
+        _randomise(model, rng)
+        weights.append(copy.deepcopy(model.state_dict()))
+    whole = utils.SWA(model, ema_decay=0.8)
+    for w in weights:
+        model.set_state_dict(w)
+        whole.update(model)
+    first = utils.SWA(model, ema_decay=0.8)
+    for w in weights[:2]:
+        model.set_state_dict(w)
+        first.update(model)
+    path = checkpoints.save_checkpoint(str(tmp_path), 2, state_dict=model.state_dict(), optimizer={},
+                                       **first.state_dict())
+    resumed = utils.SWA(models.build("PreResNet110", num_classes=3), ema_decay=0.8)
+    resumed.set_state_dict(checkpoints.load_checkpoint(path))
+    for w in weights[2:]:
+        model.set_state_dict(w)
+        resumed.update(model)
+    for key, value in _snapshot(resumed.model).items():
+        np.testing.assert_array_equal(value, _snapshot(whole.model)[key], err_msg=key)
+    with pytest.raises(ValueError, match="an EMA with decay 0.8, this one an equal average"):
+        utils.SWA(model).set_state_dict(first.state_dict())
+
+
+# --------------------------------------------------------------------------- BatchNorm
 
 class BNFirst(paddle.nn.Layer):
     """A model whose first layer is BatchNorm, so its input statistics are known exactly."""
@@ -59,10 +293,24 @@ class BNFirst(paddle.nn.Layer):
         return self.fc(self.bn(x).reshape([x.shape[0], 3, -1]).mean(axis=2))
 
 
-def _batches(data, batch_size, with_labels):
+def _batches(data, batch_size, with_labels=False):
     for i in range(0, len(data), batch_size):
         x = paddle.to_tensor(data[i:i + batch_size])
         yield (x, paddle.zeros([x.shape[0]], dtype="int64")) if with_labels else x
+
+
+def _expected_statistics(data, batch_size, axes):
+    chunks = [data[i:i + batch_size].astype(np.float64) for i in range(0, len(data), batch_size)]
+    mean = data.astype(np.float64).mean(axis=axes)
+    var = sum(len(c) * c.var(axis=axes) for c in chunks) / len(data)  # biased, as Paddle's
+    return mean, var, chunks
+
+
+def _data(shape, seed=1):
+    rng = np.random.default_rng(seed)
+    data = (rng.standard_normal(shape) * 2.0 + 3.0).astype("float32")
+    data[:, 1] = data[:, 1] * 0.3 - 1.0  # channels with different statistics
+    return data
 
 
 @pytest.mark.parametrize("layer, shape", [
@@ -70,12 +318,11 @@ def _batches(data, batch_size, with_labels):
     (lambda: paddle.nn.BatchNorm1D(3, momentum=0.7), (103, 3, 6)),
     (lambda: paddle.nn.BatchNorm3D(3, momentum=0.7), (103, 3, 2, 2, 3)),
     (lambda: paddle.nn.BatchNorm(3, momentum=0.7), (103, 3, 4, 5)),
+    (lambda: paddle.nn.SyncBatchNorm(3, momentum=0.7), (103, 3, 4, 5)),
 ])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_bn_update_gives_dataset_mean_and_weighted_batch_variance(layer, shape, with_labels):
-    rng = np.random.default_rng(1)
-    data = (rng.standard_normal(shape) * 2.0 + 3.0).astype("float32")
-    data[:, 1] = data[:, 1] * 0.3 - 1.0  # channels with different statistics
+    data = _data(shape)
     batch_size = 25  # 103 samples: batches of 25, 25, 25, 25 and a ragged 3
     model = BNFirst(layer())
     model.eval()
@@ -85,16 +332,40 @@ def test_bn_update_gives_dataset_mean_and_weighted_batch_variance(layer, shape, 
     seen = utils.bn_update(_batches(data, batch_size, with_labels), model)
 
     assert seen == 103
-    expected_mean = data.astype(np.float64).mean(axis=axes)
-    chunks = [data[i:i + batch_size].astype(np.float64) for i in range(0, 103, batch_size)]
-    expected_var = sum(len(c) * c.var(axis=axes) for c in chunks) / 103  # biased, as Paddle's
-    np.testing.assert_allclose(model.bn._mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.bn._variance.numpy(), expected_var, rtol=1e-5)
+    mean, var, chunks = _expected_statistics(data, batch_size, axes)
+    np.testing.assert_allclose(model.bn._mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn._variance.numpy(), var, rtol=1e-5)
     # The ragged batch matters: an unweighted mean of batch variances differs.
-    unweighted = np.mean([c.var(axis=axes) for c in chunks], axis=0)
-    assert not np.allclose(unweighted, expected_var, rtol=1e-4)
+    assert not np.allclose(np.mean([c.var(axis=axes) for c in chunks], axis=0), var, rtol=1e-4)
     assert model.bn._momentum == pytest.approx(0.7)
     assert not model.training and not model.bn.training and model.fc.training
+    assert "forward" not in model.bn.__dict__  # SyncBatchNorm's own forward is back
+
+
+def test_bn_update_replaces_nan_statistics():
+    data = _data((40, 3, 2, 2))
+    model = BNFirst(paddle.nn.BatchNorm2D(3))
+    with paddle.no_grad():
+        model.bn._mean.set_value(np.full(3, np.nan, "float32"))
+        model.bn._variance.set_value(np.full(3, np.inf, "float32"))
+    utils.bn_update(_batches(data, 16), model)
+    mean, var, _ = _expected_statistics(data, 16, (0, 2, 3))
+    np.testing.assert_allclose(model.bn._mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn._variance.numpy(), var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("full_graph", [True, False])
+def test_bn_update_of_a_to_static_model_is_exact(full_graph):
+    data = _data((60, 3, 4, 4))
+    for i in range(0, 60, 12):  # batches with very different means: the last one dominates a
+        data[i:i + 12] += i      # refresh that keeps only the first batch's momentum
+    model = paddle.jit.to_static(BNFirst(paddle.nn.BatchNorm2D(3)), full_graph=full_graph)
+    utils.bn_update(_batches(data, 12), model)
+    mean, var, _ = _expected_statistics(data, 12, (0, 2, 3))
+    np.testing.assert_allclose(model.bn._mean.numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.bn._variance.numpy(), var, rtol=1e-5)
+    from paddle.jit.dy2static.program_translator import ProgramTranslator
+    assert ProgramTranslator().enable_to_static  # switched back on
 
 
 def test_bn_update_leaves_model_without_batchnorm_untouched_and_reads_nothing():
@@ -119,10 +390,13 @@ def test_bn_update_restores_statistics_when_the_pass_fails():
         yield paddle.ones([4, 3, 2, 2])
         raise RuntimeError("disk gone")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk gone"):
         utils.bn_update(failing(), model)
     np.testing.assert_array_equal(model.bn._mean.numpy(), [1.0, 2.0, 3.0])
     assert model.bn._momentum == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="no samples"):
+        utils.bn_update([], model)
+    np.testing.assert_array_equal(model.bn._mean.numpy(), [1.0, 2.0, 3.0])
 
 
 def test_bn_update_skips_layers_that_use_global_stats():
@@ -133,60 +407,32 @@ def test_bn_update_skips_layers_that_use_global_stats():
     np.testing.assert_array_equal(model.bn._mean.numpy(), [1.0, 2.0, 3.0])
 
 
-@pytest.mark.parametrize("epoch, swa, expected", [
-    (0, True, 0.1),                     # start
-    (80, True, 0.1),                    # t = 80/160 = 0.5: last epoch at the full rate
-    (112, True, 0.1 - 0.05 * 0.5),      # t = 0.7: halfway down the ramp
-    (144, True, 0.05),                  # t = 0.9: end of the ramp
-    (199, True, 0.05),                  # end of training
-    (0, False, 0.1),
-    (100, False, 0.1),                  # t = 0.5 without SWA (epochs=200)
-    (180, False, 0.001),                # t = 0.9: lr_init / 100
-    (199, False, 0.001),
-])
-def test_piecewise_linear_lr_at_change_points_and_ends(epoch, swa, expected):
-    kwargs = dict(swa_start=160, swa_lr=0.05) if swa else {}
-    assert utils.piecewise_linear_lr(epoch, 0.1, 200, **kwargs) == pytest.approx(expected)
-
-
-def test_piecewise_linear_lr_just_past_the_change_points_and_swa_start_zero():
-    just_after = utils.piecewise_linear_lr(81, 0.1, 200, swa_start=160, swa_lr=0.05)
-    assert 0.05 < just_after < 0.1
-    assert utils.piecewise_linear_lr(143, 0.1, 200, swa_start=160, swa_lr=0.05) > 0.05
-    assert utils.piecewise_linear_lr(0, 0.1, 10, swa_start=0, swa_lr=0.02) == pytest.approx(0.02)
-
-
-def test_is_swa_epoch_counts_as_the_original():
-    assert sum(utils.is_swa_epoch(k, 4) for k in range(1, 9)) == 5
-    assert [k for k in range(1, 13) if utils.is_swa_epoch(k, 3, 4)] == [3, 7, 11]
-
+# --------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_restores_average_and_count(tmp_path):
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(12)
     model = models.build("SimpleCNN", num_classes=3)
     swa = utils.SWA(model)
     for _ in range(3):
         _randomise(model, rng)
         swa.update(model)
-    path = utils.save_checkpoint(str(tmp_path), 7, state_dict=model.state_dict(),
-                                 optimizer={}, **swa.state_dict())
+    path = checkpoints.save_checkpoint(str(tmp_path), 7, state_dict=model.state_dict(),
+                                       optimizer={}, **swa.state_dict())
     assert path.endswith("checkpoint-7.pdparams")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7.pdparams"]  # no temp left
-
-    ckpt = utils.load_checkpoint(path)
-    for key in utils.CHECKPOINT_KEYS:
+    ckpt = checkpoints.load_checkpoint(path)
+    for key in checkpoints.CHECKPOINT_KEYS:
         assert key in ckpt
     restored = utils.SWA(models.build("SimpleCNN", num_classes=3))
     restored.set_state_dict(ckpt)
     assert restored.n == 3 and ckpt["epoch"] == 7
-    expected = _snapshot(swa.model)
     for key, value in _snapshot(restored.model).items():
-        np.testing.assert_array_equal(value, expected[key])
+        np.testing.assert_array_equal(value, _snapshot(swa.model)[key])
 
 
 def test_load_checkpoint_refuses_bad_files(tmp_path):
     model = models.build("SimpleCNN")
-    path = utils.save_checkpoint(str(tmp_path), 1, state_dict=model.state_dict(), optimizer={})
+    path = checkpoints.save_checkpoint(str(tmp_path), 1, state_dict=model.state_dict(), optimizer={})
     truncated = tmp_path / "truncated.pdparams"
     whole = open(path, "rb").read()
     truncated.write_bytes(whole[:len(whole) // 2])
@@ -195,87 +441,62 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     plain = tmp_path / "plain.pdparams"
     paddle.save({"weight": paddle.ones([2])}, str(plain))
     for bad in (truncated, noise, plain, tmp_path / "missing.pdparams"):
-        with pytest.raises(utils.CheckpointError, match=bad.name):
-            utils.load_checkpoint(str(bad))
+        with pytest.raises(checkpoints.CheckpointError, match=bad.name):
+            checkpoints.load_checkpoint(str(bad))
 
 
 def test_load_weights_refuses_another_architecture():
     with pytest.raises(ValueError, match="does not match"):
-        utils.load_weights(models.build("SimpleCNN", num_classes=3),
-                           models.build("SimpleCNN", num_classes=4).state_dict())
+        checkpoints.load_weights(models.build("SimpleCNN", num_classes=3),
+                                 models.build("SimpleCNN", num_classes=4).state_dict())
 
 
-def _run_updates(model_name, snapshots_rng, k=3, swa_factory=utils.SWA):
-    model = models.build(model_name, num_classes=3)
-    swa = swa_factory(model)
-    for _ in range(k):
-        _randomise(model, snapshots_rng)
-        swa.update(model)
-    return _snapshot(swa.model)
+# --------------------------------------------------------------------------- the training pass
+
+def test_run_epoch_reading_every_few_steps_gives_the_same_sums_and_catches_nan():
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(64, 3))  # NaN in, NaN out
+    rng = np.random.default_rng(13)
+    batches = [(paddle.to_tensor(rng.standard_normal((5, 1, 8, 8)).astype("float32")),
+                paddle.to_tensor(rng.integers(0, 3, 5))) for _ in range(7)]
+    state = copy.deepcopy(model.state_dict())
+    results = []
+    for sync_every in (1, 3):
+        model.set_state_dict(state)
+        optimizer = paddle.optimizer.Momentum(0.1, parameters=model.parameters())
+        results.append(engine.run_epoch(batches, model, optimizer, sync_every=sync_every))
+    assert results[0]["loss_sum"] == results[1]["loss_sum"] and results[0]["count"] == 35
+    assert results[0]["correct"] == results[1]["correct"]
+    poisoned = list(batches)
+    poisoned[4] = (paddle.full([5, 1, 8, 8], float("nan")), batches[4][1])
+    for sync_every in (1, 3):
+        with pytest.raises(engine.NonFiniteLoss) as caught:
+            engine.run_epoch(poisoned, model, paddle.optimizer.SGD(0.1, parameters=model.parameters()),
+                             sync_every=sync_every)
+        assert caught.value.step == 4
 
 
-def test_fused_update_equals_per_tensor_path_and_fallback(monkeypatch):
-    fused = _run_updates("PreResNet110", np.random.default_rng(5))
-    # Per-tensor reference: moving_average with the same weights.
-    rng = np.random.default_rng(5)
-    model = models.build("PreResNet110", num_classes=3)
-    reference = utils.SWA(model).model
-    for n in range(3):
-        _randomise(model, rng)
-        utils.moving_average(reference, model, 1.0 / (n + 1))
-    expected = _snapshot(reference)
-    for key in fused:
-        np.testing.assert_allclose(fused[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+# --------------------------------------------------------------------------- GPU
 
-    def broken(*args, **kwargs):
-        raise TypeError("merged_momentum_(): signature changed")
-
-    monkeypatch.setattr(utils._C_ops, "merged_momentum_", broken)
-    fallback = _run_updates("PreResNet110", np.random.default_rng(5))
-    for key in fused:
-        np.testing.assert_allclose(fallback[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
-
-
-def test_update_pairs_with_a_new_model_object():
-    a = models.build("SimpleCNN", num_classes=3)
-    b = models.build("SimpleCNN", num_classes=3)
-    _randomise(b, np.random.default_rng(9))
-    swa = utils.SWA(a)
-    swa.update(a)
-    swa.update(b)  # another object: must average b, not a again
-    for key, value in _snapshot(swa.model).items():
-        np.testing.assert_allclose(value, (_snapshot(a)[key] + _snapshot(b)[key]) / 2,
-                                   rtol=1e-5, atol=1e-6, err_msg=key)
-
-
-def test_flat_update_sees_optimizer_steps_set_value_and_new_storage(tmp_path):
-    """SWA.update views both models' tensors into flat buffers; every way of changing a
-    weight afterwards must still reach the average, and checkpoints must still hold it."""
-    paddle.seed(3)
-    model = models.build("PreResNet110", num_classes=3)
-    optimizer = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=model.parameters())
-    swa = utils.SWA(model)
-    snapshots = []
-
-    def add():
-        snapshots.append(_snapshot(model))
-        swa.update(model)
-        expected = {k: np.mean([s[k] for s in snapshots], axis=0) for k in snapshots[0]}
-        for key, value in _snapshot(swa.model).items():
-            np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-
-    add()
-    x = paddle.randn([4, 3, 32, 32])
-    for _ in range(2):  # optimizer kernels and the BatchNorm forward write in place
-        utils.run_epoch([(x, paddle.to_tensor([0, 1, 2, 0]))], model, optimizer)
-    add()
-    _randomise(model, np.random.default_rng(1))  # set_value
-    add()
-    first = next(iter(model.parameters()))
-    paddle.full(first.shape, 0.5)._share_buffer_to(first)  # new storage, as a re-pack would
-    add()
-    assert first._is_shared_buffer_with(swa._averager.new.buffer())
-    path = str(tmp_path / "model.pdparams")
-    paddle.save(model.state_dict(), path)
-    for key, value in paddle.load(path).items():
-        np.testing.assert_array_equal(value.numpy(), snapshots[-1][key], err_msg=key)
+@pytest.mark.skipif(not HAS_CUDA, reason="Paddle has no CUDA device here")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_averaging_in_float32_and_fused_path_is_checked(dtype):
+    paddle.set_device("gpu:0")
+    try:
+        rng = np.random.default_rng(14)
+        model = models.build("PreResNet110", num_classes=3)
+        optimizer = paddle.optimizer.Momentum(0.1, parameters=model.parameters())
+        if dtype == "float16":
+            model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2")
+        swa = utils.SWA(model)
+        snapshots, pointers = [], _pointers(model)
+        for _ in range(3):
+            _randomise(model, rng)
+            snapshots.append(_snapshot(model))
+            swa.update(model)
+        assert _pointers(model) == pointers
+        assert swa._averager.fused == utils._fused_lerp_works(next(iter(swa.model.parameters())).place)
+        _assert_mean(swa, snapshots)
+        assert {str(p.dtype) for p in swa.model.parameters()} == {"paddle.float32"}
+    finally:
+        paddle.set_device("cpu")

@@ -1,0 +1,304 @@
+"""callbacks.SWACallback in paddle.Model.fit, against hand-computed rates and numpy averages."""
+import math
+
+import numpy as np
+import paddle
+import pytest
+
+import callbacks
+import checkpoints
+import data
+import models
+import schedules
+import utils
+
+
+def _digit_batches():
+    ds = data.load_dataset("digits")
+    return [[x.numpy(), y.numpy()] for x, y in data.Batches(ds.train, 128, ds.mean, ds.std)(epoch=0)]
+
+
+BATCHES = _digit_batches()  # 12 batches
+
+
+class Recorder(paddle.callbacks.Callback):
+    """Snapshots the network after every batch and every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches, self.epochs = [], []
+
+    def on_train_batch_end(self, step, logs=None):
+        self.batches.append(_state(self.model.network))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(_state(self.model.network))
+
+
+class StopAfter(paddle.callbacks.Callback):
+    def __init__(self, epochs):
+        super().__init__()
+        self.after = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after:
+            self.model.stop_training = True
+
+
+def _state(network):
+    return {k: v.numpy().copy() for k, v in network.state_dict().items()}
+
+
+def _model(network, optimizer=None, amp=None):
+    paddle.seed(0)
+    model = paddle.Model(network)
+    model.prepare(optimizer or paddle.optimizer.Momentum(0.1, parameters=network.parameters()),
+                  paddle.nn.CrossEntropyLoss(), amp_configs=amp)
+    return model
+
+
+def _cnn():
+    paddle.seed(0)
+    return models.build("SimpleCNN", 10, 1)
+
+
+def _fit(epochs, data_=BATCHES, network=None, extra=(), amp=None, **kwargs):
+    model = _model(network or _cnn(), amp=amp)
+    swa = callbacks.SWACallback(**dict(dict(bn_data=data_), **kwargs))
+    recorder = Recorder()
+    model.fit(data_, epochs=epochs, verbose=0, callbacks=[swa, recorder, *extra])
+    return model, swa, recorder
+
+
+class SumNet(paddle.nn.Layer):
+    """Two groups of weights whose loss gradient is 1 everywhere: an SGD step lowers each
+    weight by exactly the rate its group ran at."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = self.create_parameter([3], default_initializer=paddle.nn.initializer.Constant(0.0))
+        self.b = self.create_parameter([2], default_initializer=paddle.nn.initializer.Constant(0.0))
+
+    def forward(self, x):
+        return (x.sum() * 0 + self.a.sum() + self.b.sum()).reshape([1, 1])
+
+
+class Unsized:
+    """Batches from an iterator: no len(), as a streaming loader."""
+
+    def __iter__(self):
+        return iter([[np.ones((2, 1), "float32"), np.zeros((2, 1), "int64")] for _ in range(4)])
+
+
+def _rates_fit(epochs, data_=None, fits=1, **kwargs):
+    """Fit SumNet with plain SGD; the rates run at, per batch, read off the weights."""
+    net = SumNet()
+    model = paddle.Model(net)
+    model.prepare(paddle.optimizer.SGD(0.1, parameters=net.parameters()), lambda out, label: out.sum())
+    swa = callbacks.SWACallback(**kwargs)
+    recorder = Recorder()
+    runs = []
+    for _ in range(fits):
+        recorder.batches = []
+        before = _state(net)
+        model.fit(data_ or Unsized(), epochs=epochs, verbose=0, callbacks=[swa, recorder])
+        states = [before] + recorder.batches
+        runs.append([[float(states[i][k][0] - states[i + 1][k][0]) for k in ("a", "b")]
+                     for i in range(len(states) - 1)])
+        with paddle.no_grad():  # the next fit starts from the same weights
+            net.a.set_value(before["a"])
+            net.b.set_value(before["b"])
+    return runs, swa
+
+
+# --------------------------------------------------------------------------- averages
+
+def test_the_network_ends_holding_the_mean_with_fresh_batchnorm(tmp_path):
+    model, swa, recorder = _fit(5, swa_start=3, swa_lr=0.02)
+    averaged = recorder.epochs[2:]  # after epochs 3, 4, 5
+    assert swa.swa.n == 3
+    final = _state(model.network)
+    for name, p in model.network.named_parameters():
+        if p.trainable:
+            np.testing.assert_allclose(final[name], np.mean([s[name] for s in averaged], axis=0),
+                                       rtol=1e-5, atol=1e-6, err_msg=name)
+    reference = models.build("SimpleCNN", 10, 1)
+    checkpoints.load_weights(reference, {k: np.mean([s[k] for s in averaged], 0) for k in final})
+    utils.bn_update(BATCHES, reference)
+    for key, value in reference.state_dict().items():
+        if key.endswith(("_mean", "_variance")):
+            np.testing.assert_allclose(final[key], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+    model.save(str(tmp_path / "swa"))
+    loaded = paddle.Model(models.build("SimpleCNN", 10, 1))
+    loaded.load(str(tmp_path / "swa"), skip_mismatch=False, reset_optimizer=True)
+    for key, value in loaded.network.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), final[key])
+    swa.restore_sgd()
+    for key, value in model.network.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), recorder.epochs[-1][key])
+
+
+def test_iterable_dataset_is_accepted_for_the_refresh():
+    class Stream(paddle.io.IterableDataset):
+        def __iter__(self):
+            for x, y in BATCHES:
+                yield from zip(x, y)
+
+    model, swa, recorder = _fit(3, bn_data=Stream(), swa_start=2, swa_lr=0.02)
+    assert swa.swa.n == 2 and swa.swa.bn_updated
+    averaged = np.mean([s["fc.weight"] for s in recorder.epochs[1:]], axis=0)
+    np.testing.assert_allclose(model.network.fc.weight.numpy(), averaged, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_through_the_callback_follows_the_numpy_recurrence():
+    model, swa, recorder = _fit(3, swa_start=2, ema_decay=0.7, bn_data=False)
+    steps = len(BATCHES)
+    expected = None
+    for snapshot in recorder.batches[steps:]:  # every batch of epochs 2 and 3
+        expected = dict(snapshot) if expected is None else \
+            {k: 0.7 * expected[k] + 0.3 * snapshot[k] for k in snapshot}
+    assert swa.swa.n == 2 * steps
+    for key, value in _state(model.network).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_statistics_can_be_left_out_of_the_average():
+    model, swa, recorder = _fit(3, swa_start=2, bn_data=False, average_statistics=False)
+    final = _state(model.network)
+    np.testing.assert_array_equal(final["features.1._mean"], recorder.epochs[-1]["features.1._mean"])
+    np.testing.assert_allclose(final["fc.weight"], np.mean([s["fc.weight"] for s in recorder.epochs[1:]], 0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_amp_configs_fit_averages_in_float32():
+    model, swa, recorder = _fit(2, swa_start=1, swa_lr=0.02, amp="O1")
+    assert {str(p.dtype) for p in swa.swa.model.parameters()} == {"paddle.float32"}
+    np.testing.assert_allclose(model.network.fc.weight.numpy(),
+                               np.mean([s["fc.weight"] for s in recorder.epochs], 0), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_save_load_fit_equals_one_uninterrupted_fit(tmp_path):
+    kwargs = dict(swa_start=3, swa_lr=0.02, anneal_epochs=2)
+    whole, _, _ = _fit(6, **kwargs)
+    # Each part in a fresh name scope, as in a process of its own: the optimizer's saved
+    # state is keyed by generated names.
+    with paddle.utils.unique_name.guard():
+        first = _model(_cnn())
+        first.fit(BATCHES, epochs=6, verbose=0, save_dir=str(tmp_path), save_freq=1,
+                  callbacks=[callbacks.SWACallback(bn_data=BATCHES, **kwargs), StopAfter(4)])
+    assert (tmp_path / "3.swa").exists() and not (tmp_path / "4.swa").exists()
+    with paddle.utils.unique_name.guard():
+        second = _model(models.build("SimpleCNN", 10, 1))
+        swa = callbacks.SWACallback(bn_data=BATCHES, **kwargs)
+        swa.set_model(second)  # in a new process, before load
+        second.load(str(tmp_path / "3"))
+        second.fit(BATCHES, epochs=2, verbose=0, callbacks=[swa])
+    assert swa.swa.n == 4
+    for key, value in _state(whole.network).items():
+        np.testing.assert_array_equal(_state(second.network)[key], value, err_msg=key)
+
+
+# --------------------------------------------------------------------------- rates
+
+def test_constant_rate_with_cosine_annealing_matches_hand_computed_rates():
+    runs, _ = _rates_fit(6, swa_start=3, swa_lr=0.02, anneal_epochs=2, anneal_strategy="cos")
+    per_epoch = [runs[0][4 * e][0] for e in range(6)]
+    halfway = 0.02 + (0.1 - 0.02) * (1 + math.cos(math.pi * 0.5)) / 2
+    assert per_epoch == pytest.approx([0.1, 0.1, halfway, 0.02, 0.02, 0.02], rel=1e-5)
+    assert all(rates[0] == pytest.approx(per_epoch[i // 4], rel=1e-5) for i, rates in enumerate(runs[0]))
+
+
+def test_fractional_start_counts_like_lightning():
+    runs, swa = _rates_fit(10, swa_start=0.8, swa_lr=0.02)
+    assert [runs[0][4 * e][0] for e in range(10)] == pytest.approx([0.1] * 8 + [0.02] * 2, rel=1e-5)
+    assert swa.swa.n == 2  # epochs 9 and 10
+
+
+def _drive(swa, groups, epochs, steps=4):
+    """Run the callback's hooks around plain SGD steps of SumNet, as Model.fit calls them (Paddle
+    3.3's fit cannot train an optimizer with parameter groups: its minimize() fails on them).
+    Returns the rates per step and group, read off the weights."""
+    net = SumNet()
+    model = paddle.Model(net)
+    optimizer = paddle.optimizer.SGD(0.1, parameters=[{"params": [net.a], "learning_rate": 1.0},
+                                                      {"params": [net.b], "learning_rate": groups}])
+    model.prepare(optimizer, lambda out, label: out.sum())
+    swa.set_model(model)
+    swa.set_params({"epochs": epochs, "steps": steps, "batch_size": 2})
+    swa.on_train_begin()
+    rates = []
+    for epoch in range(epochs):
+        swa.on_epoch_begin(epoch)
+        for step in range(steps):
+            swa.on_train_batch_begin(step)
+            before = (float(net.a[0]), float(net.b[0]))
+            net(paddle.ones([2, 1])).sum().backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            rates.append([before[0] - float(net.a[0]), before[1] - float(net.b[0])])
+            swa.on_train_batch_end(step)
+        swa.on_epoch_end(epoch)
+    swa.on_train_end()
+    return rates, optimizer, net
+
+
+def test_per_group_swa_rates():
+    swa = callbacks.SWACallback(swa_start=2, swa_lr=[0.03, 0.01])
+    rates, optimizer, net = _drive(swa, 0.5, 3)
+    assert rates[0] == pytest.approx([0.1, 0.05], rel=1e-5)     # the groups' factors 1 and 0.5
+    assert rates[4] == pytest.approx([0.03, 0.01], rel=1e-5)    # SWA's, absolute
+    assert optimizer.get_lr() == pytest.approx(0.1)             # the user's back at the end
+    assert net.b.optimize_attr["learning_rate"] == pytest.approx(0.5)
+    rates, _, _ = _drive(callbacks.SWACallback(swa_start=2, swa_lr=0.02), 0.5, 3)
+    assert rates[4] == pytest.approx([0.02, 0.02], rel=1e-5)
+    with pytest.raises(ValueError, match="3 rates, the optimizer 2 parameter group"):
+        _drive(callbacks.SWACallback(swa_start=1, swa_lr=[0.1, 0.2, 0.3]), 0.5, 1)
+
+
+def test_cyclic_rates_with_an_unsized_loader_are_learnt_from_the_first_epoch():
+    runs, _ = _rates_fit(4, swa_start=3, swa_freq=2, swa_lr=0.01, lr_schedule="cyclic")
+    expected = [schedules.cyclic_lr(e, s, 4, 0.1, 0.01, 3, 2) for e in range(4) for s in range(4)]
+    np.testing.assert_allclose([r[0] for r in runs[0]], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        _rates_fit(2, swa_start=1, swa_lr=0.01, lr_schedule="cyclic")  # the cycle starts at once
+    runs, _ = _rates_fit(2, swa_start=1, swa_lr=0.01, lr_schedule="cyclic", steps_per_epoch=4)
+    expected = [schedules.cyclic_lr(e, s, 4, 0.1, 0.01, 1, 1) for e in range(2) for s in range(4)]
+    np.testing.assert_allclose([r[0] for r in runs[0]], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cyclic"])
+def test_a_second_fit_with_the_same_callback_runs_as_the_first(schedule):
+    runs, _ = _rates_fit(4, fits=2, swa_start=3, swa_freq=2, swa_lr=0.01, lr_schedule=schedule)
+    assert runs[0] == runs[1]
+    assert runs[0][0][0] == pytest.approx(0.1)  # not the SWA rate the first fit ended with
+
+
+# --------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(swa_start=1.5), "whole epoch number or a fraction"),
+    (dict(swa_start=-1), "swa_start must be >= 0"),
+    (dict(swa_start=1, swa_lr=0.0), "swa_lr must be > 0"),
+    (dict(swa_start=1, swa_lr=-0.1), "swa_lr must be > 0"),
+    (dict(swa_start=1, swa_lr=float("inf")), "swa_lr must be > 0"),
+    (dict(swa_start=1, swa_lr=[0.1, 0.0]), "swa_lr must be > 0"),
+    (dict(swa_start=1, swa_freq=0), "swa_freq must be a whole number >= 1"),
+    (dict(swa_start=1, lr_schedule="cyclic"), "needs swa_lr"),
+    (dict(swa_start=1, swa_lr=0.1, anneal_epochs=2, lr_schedule="cyclic"), "anneal"),
+    (dict(swa_start=1, anneal_strategy="step"), "anneal strategy"),
+    (dict(swa_start=1, ema_decay=1.0), "ema_decay"),
+])
+def test_invalid_arguments_are_refused_when_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        callbacks.SWACallback(**kwargs)
+
+
+def test_a_start_beyond_the_fit_is_refused_before_training():
+    network = _cnn()
+    before = _state(network)
+    with pytest.raises(ValueError, match="swa_start=9 is beyond the fit's 3 epochs"):
+        _fit(3, network=network, swa_start=9)
+    for key, value in _state(network).items():
+        np.testing.assert_array_equal(value, before[key])
+    with pytest.raises(ValueError, match="bn_data"):
+        _fit(1, bn_data=None, swa_start=1)
