@@ -11,7 +11,7 @@ import glob
 import os
 import random
 import re
-import tempfile
+import uuid
 
 import numpy as np
 import paddle
@@ -73,9 +73,8 @@ def atomic_save(obj, path):
     """paddle.save `obj` to `path` through a temporary file in the same folder, flushed to
     disk and renamed: `path` is either absent, its old content, or complete (also when the
     disk fills up: the temporary file is removed and the OSError raised). Returns `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    tmp = f"{os.path.abspath(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, not 0600
     try:
         paddle.save(obj, tmp)
         with open(tmp, "rb") as f:

@@ -79,7 +79,13 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batch(raw, label_key, where):
+def _check_labels(labels, classes, where):
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"{where} holds labels from {labels.min()} to {labels.max()}, outside "
+                        f"0..{classes - 1}: not the official file; download it again")
+
+
+def _cifar_batch(raw, label_key, where, classes):
     batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
@@ -89,23 +95,25 @@ def _cifar_batch(raw, label_key, where):
     if labels.shape != (len(data),):
         raise DataError(f"{where} holds {len(data)} images but {labels.size} labels: not the "
                         "official file; download it again")
+    _check_labels(labels, classes, where)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
 
 
-def read_cifar(source, members, label_key):
+def read_cifar(source, members, label_key, classes):
     """Images and labels from CIFAR python batches in a .tar.gz or an extracted folder.
 
     Args:
         source: the official tarball or the folder it extracts to.
         members: batch names inside it (e.g. ["data_batch_1", ...]).
         label_key: b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100).
+        classes: the number of classes (labels are checked to lie below it).
     """
     parts = []
     if os.path.isdir(source):
         for member in members:
             with open(os.path.join(source, member), "rb") as f:
-                parts.append(_cifar_batch(f.read(), label_key, os.path.join(source, member)))
+                parts.append(_cifar_batch(f.read(), label_key, os.path.join(source, member), classes))
     else:
         with tarfile.open(source, "r:gz") as tar:
             by_name = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
@@ -113,7 +121,7 @@ def read_cifar(source, members, label_key):
                 if member not in by_name:
                     raise DataError(f"{source} has no member {member}: not the official archive")
                 parts.append(_cifar_batch(tar.extractfile(by_name[member]).read(), label_key,
-                                          f"{member} in {source}"))
+                                          f"{member} in {source}", classes))
     return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
@@ -212,8 +220,8 @@ def _load_cifar(name, data_path, download):
                         f"extracted {spec['folder']}/) in {data_path!r} or pass --data_path; "
                         "Paddle's download failed or was disabled")
     try:
-        train = read_cifar(source, spec["train"], spec["label_key"])
-        test = read_cifar(source, spec["test"], spec["label_key"])
+        train = read_cifar(source, spec["train"], spec["label_key"], spec["classes"])
+        test = read_cifar(source, spec["test"], spec["label_key"], spec["classes"])
     except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
         raise DataError(f"{source} is unreadable or not the official {name} file "
                         f"({type(e).__name__}: {e}); download it again") from None
@@ -256,6 +264,7 @@ def _load_idx(name, data_path, download):
         if len(images) != len(labels):
             raise DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
                             "hold different numbers of examples")
+        _check_labels(labels, 10, files[split + "_labels"])
     split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
              for s in ("train", "test")}
     return split["train"], split["test"], 10
@@ -305,11 +314,6 @@ def load_dataset(name, data_path="data", download=True):
         train, test, classes = _load_idx(name, data_path, download)
     else:
         train, test, classes = _load_digits()
-    for split, where in ((train, "training"), (test, "test")):
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= classes):
-            raise DataError(f"{name}'s {where} labels run from {split.labels.min()} to "
-                            f"{split.labels.max()}, outside 0..{classes - 1}: the files in "
-                            f"{data_path!r} are not the official ones; download them again")
     mean, std = channel_statistics(train.images)
     return Data(name, train, test, classes, mean, std, AUGMENT[name])
 

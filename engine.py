@@ -52,8 +52,9 @@ def run_epoch(batches, model, optimizer=None, sync_every=1, on_sync=None, after_
 
     Returns:
         dict with `loss` (mean cross-entropy), `accuracy` (percent), `count` (samples),
-        `steps` (batches run in this call), the raw sums `loss_sum`, `correct`, and with
-        keep_logits, `logits` and `labels`.
+        `steps` (batches run in this call), the raw sums `loss_sum`, `correct` (over all
+        ranks), `local` (this rank's sums, which `totals` takes), and with keep_logits,
+        `logits` and `labels`.
     """
     training = optimizer is not None
     model.train() if training else model.eval()
@@ -115,13 +116,14 @@ def run_epoch(batches, model, optimizer=None, sync_every=1, on_sync=None, after_
             bad = bad or ((steps - 1, "non-finite on another rank") if any_bad else None)
         if bad is not None:
             raise NonFiniteLoss(*bad)
+    local = dict(sums)
     if context is not None and context.world_size > 1:
         loss_sum, correct, count = context.all_reduce_sum([sums["loss_sum"], sums["correct"],
                                                            sums["count"]])
         sums = dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)))
     count = max(sums["count"], 1)
     result = dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
-                  steps=steps)
+                  steps=steps, local=local)
     if keep_logits:
         result["logits"] = paddle.concat([k[0] for k in kept]).numpy() if kept else np.zeros((0, 0))
         result["labels"] = paddle.concat([k[1] for k in kept]).numpy() if kept else np.zeros(0, np.int64)

@@ -587,7 +587,8 @@ def train_loop(run, start_epoch, start_step, partial, stop):
         started = time.time()
         tr, lr = train_epoch(run, epoch, start_step, partial, stop)
         if start_step + tr["steps"] < len(run.loaders["train"]):
-            return interrupted(run, epoch, start_step + tr["steps"], tr, stop.signal)
+            # stopped by a signal here, or on another rank (then reported as SIGTERM)
+            return interrupted(run, epoch, start_step + tr["steps"], tr, stop.signal or signal.SIGTERM)
         row = {"ep": epoch + 1, "lr": lr, "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
                "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
         row.update(evaluate_and_average(run, epoch))
@@ -668,7 +669,7 @@ def evaluate_and_average(run, epoch):
 
 def interrupted(run, epoch, step, totals, signum):
     """Save where training stopped and say how to continue; returns the exit code."""
-    partial = {k: totals[k] for k in ("loss_sum", "correct", "count")} if totals else None
+    partial = totals["local"] if totals else None  # this rank's own sums
     path = run.save(epoch, step, partial)
     run.env.barrier()  # no rank exits (and gets the job stopped) before rank 0 has saved
     if path:

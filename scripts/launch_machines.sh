@@ -18,6 +18,7 @@ if [ $# -lt 4 ]; then
 fi
 master=$1 machines=$2 rank=$3 processes=$4
 shift 4
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# Run from the caller's folder, so that relative --dir and --data_path mean what they say.
 exec python -m paddle.distributed.launch --master "$master" --nnodes "$machines" --rank "$rank" \
-    --nproc_per_node "$processes" --log_dir "${LAUNCH_LOG_DIR:-launch_logs}" train.py "$@"
+    --nproc_per_node "$processes" --log_dir "${LAUNCH_LOG_DIR:-launch_logs}" "$repo/train.py" "$@"

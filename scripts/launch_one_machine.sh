@@ -16,6 +16,7 @@ if [ $# -lt 1 ] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
 fi
 processes=$1
 shift
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# Run from the caller's folder, so that relative --dir and --data_path mean what they say.
 exec python -m paddle.distributed.launch --nproc_per_node "$processes" \
-    --log_dir "${LAUNCH_LOG_DIR:-launch_logs}" train.py "$@"
+    --log_dir "${LAUNCH_LOG_DIR:-launch_logs}" "$repo/train.py" "$@"

@@ -133,7 +133,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(script_args, log_dir, nproc=1, nnodes=1, rank=None, port=None, timeout=300):
+def launch(script_args, log_dir, nproc=1, nnodes=1, rank=None, port=None, env=None):
     """Start `python -m paddle.distributed.launch ...` in its own process group (Popen)."""
     command = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(log_dir),
                "--nproc_per_node", str(nproc)]
@@ -141,12 +141,12 @@ def launch(script_args, log_dir, nproc=1, nnodes=1, rank=None, port=None, timeou
         command += ["--master", f"127.0.0.1:{port}"]
     if nnodes > 1:
         command += ["--nnodes", str(nnodes), "--rank", str(rank)]
-    return start(command + list(script_args))
+    return start(command + list(script_args), env=env)
 
 
-def start(command, env=None):
-    """Popen `command` from the repository root in its own process group, output captured."""
-    return subprocess.Popen([str(a) for a in command], cwd=ROOT, env=dict(os.environ, **(env or {})),
+def start(command, env=None, cwd=ROOT):
+    """Popen `command` (from the repository root) in its own process group, output captured."""
+    return subprocess.Popen([str(a) for a in command], cwd=cwd, env=dict(os.environ, **(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -2,11 +2,15 @@
 import json
 import os
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
 
-from helpers import finish, free_port, launch, run_script, start
+import checkpoints
+import report
+from helpers import finish, free_port, launch, run_script, start, write_cifar10
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",
        "--swa_lr", "0.05", "--eval_freq", "2"]
@@ -70,12 +74,93 @@ def test_distributed_bn_update_equals_single_process(tmp_path):
 
 def test_two_nodes_on_one_machine_with_the_launch_script(tmp_path):
     port = free_port()
-    nodes = [start(["bash", os.path.join("scripts", "launch_machines.sh"), f"127.0.0.1:{port}",
-                    2, rank, 1, *RUN, "--epochs", 2, "--dir", tmp_path / "run"],
-                   env={"LAUNCH_LOG_DIR": str(tmp_path / f"logs{rank}")})
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "launch_machines.sh")
+    nodes = [start(["bash", script, f"127.0.0.1:{port}", 2, rank, 1, *RUN, "--epochs", 2,
+                    "--dir", "run"],  # relative to the caller's folder
+                   env={"LAUNCH_LOG_DIR": str(tmp_path / f"logs{rank}")}, cwd=tmp_path)
              for rank in (1, 0)]
     machine1, machine0 = finish(nodes)
     assert "2 processes x 64" in machine0 and re.search(r"\n\s+2\s+0\.1\s", machine0)
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "args.json", "checkpoint-0.pdparams",
                                                     "checkpoint-2.pdparams", "command.sh",
                                                     "convergence.png", "metrics.csv", "run.json", "vdl"]
+
+
+# --------------------------------------------------------------------------- faults
+
+def _final(run_dir):
+    ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
+    return {f"{part}/{k}": v.numpy() for part in ("state_dict", "swa_state_dict")
+            for k, v in ckpt[part].items()}
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
+            for row in report.read_metrics(str(run_dir))]
+
+
+def _faulty(fault, n, ranks, run_dir, logs, extra=()):
+    """A 2-process run of RUN with a fault; returns (launcher's exit code, seconds from the
+    first SIGTERM to the end, rank 0's log)."""
+    logs.mkdir(parents=True)
+    proc = launch([os.path.join("tests", "dist_faults.py"), fault, n, ranks, *RUN, *extra,
+                   "--dir", run_dir], logs, nproc=2, port=free_port(), env={"FAULT_NOTES": str(logs)})
+    try:
+        proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ended = time.time()
+    killed = [float((logs / name).read_text()) for name in os.listdir(logs) if name.startswith("killed")]
+    return proc.returncode, ended - min(killed) if killed else None, (logs / "workerlog.0").read_text()
+
+
+@pytest.mark.parametrize("fault, n, ranks", [
+    ("term-step", 5, "all"),     # every process, mid-epoch 1
+    ("term-epoch", 1, "1"),      # one worker, right at the end of epoch 1
+    ("term-step", 20, "1"),      # one worker, mid-epoch 2
+])
+def test_sigterm_ends_the_whole_job_in_seconds_and_it_resumes_bit_identically(
+        two_process_run, tmp_path, fault, n, ranks):
+    base, _ = two_process_run
+    run_dir = tmp_path / "run"
+    code, seconds, log = _faulty(fault, n, ranks, run_dir, tmp_path / "logs")
+    assert code != 0 and seconds is not None and seconds < 20, (code, seconds, log[-2000:])
+    assert "stopped by SIGTERM" in log and "--resume auto" in log
+    # Resumed with the one-machine script, from another folder, --dir relative to it.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "launch_one_machine.sh")
+    resumed = start(["bash", script, 2, *RUN, "--dir", "run", "--resume", "auto"], cwd=tmp_path,
+                    env={"LAUNCH_LOG_DIR": str(tmp_path / "logs2")})
+    output, = finish([resumed])
+    assert "resuming from" in output
+    expected = _final(base / "run")
+    for key, value in _final(run_dir).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    assert _rows(run_dir) == _rows(base / "run")
+
+
+def test_a_nan_on_one_rank_ends_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, log = _faulty("nan-step", 15, "1", run_dir, tmp_path / "logs")
+    other = (tmp_path / "logs" / "workerlog.1").read_text()
+    assert code != 0
+    assert "loss became non-finite on another rank at epoch 2 step 3" in log
+    assert "loss became nan at epoch 2 step 3" in other
+    assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams")) == ["checkpoint-0.pdparams"]
+
+
+def test_a_missing_dataset_is_downloaded_once_and_read_intact_by_every_rank(tmp_path):
+    (tmp_path / "data").mkdir()
+    notes = tmp_path / "downloads.txt"
+    logs = tmp_path / "logs"
+    proc = launch([os.path.join("tests", "dist_faults.py"), "download", notes, "all",
+                   "--dataset", "CIFAR10", "--data_path", tmp_path / "data", "--model", "SimpleCNN",
+                   "--epochs", 1, "--batch_size", 16, "--dir", tmp_path / "run"], logs, nproc=2,
+                  port=free_port())
+    finish([proc])
+    assert notes.read_text() == "rank 0\n"
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "run" / "checkpoint-1.pdparams"))
+    assert ckpt["dataset"] == "CIFAR10"
+    assert "(40 train / 8 test)" in (logs / "workerlog.0").read_text()

@@ -112,3 +112,18 @@ def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):
     result = run_main(train.main, *RUN, "--dir", tmp_path / "fresh", "--resume", "auto")
     assert result.returncode == 0 and "resuming" not in result.stdout
     _assert_identical(_weights(uninterrupted), _weights(tmp_path / "fresh"))
+
+
+def test_a_checkpoint_with_another_device_sets_generator_state_resumes_exactly(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = run_script(os.path.join("tests", "interrupt.py"), "step", 25, "TERM", *RUN, "--dir", run_dir)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    path = next(run_dir / n for n in os.listdir(run_dir) if "-step" in n)
+    ckpt = checkpoints.load_checkpoint(str(path))
+    import paddle
+    # As an 8-GPU run saved it before: one generator state per visible device.
+    ckpt["rng"]["paddle"] = paddle.get_rng_state() * 8
+    paddle.save(ckpt, str(path))
+    resumed = run_main(train.main, *RUN, "--dir", run_dir, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_identical(_weights(uninterrupted), _weights(run_dir))
