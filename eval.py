@@ -37,8 +37,8 @@ def build_parser():
     p.add_argument("--sgd", action="store_true",
                    help="evaluate the SGD weights even if the checkpoint has SWA weights (default: off)")
     p.add_argument("--bn_update", action="store_true",
-                   help="recompute the SWA BatchNorm statistics even if the checkpoint has them "
-                        "(default: only when they are stale)")
+                   help="recompute the BatchNorm statistics of the weights evaluated, SGD's too "
+                        "(default: only the average's, and only when they are stale)")
     swag = p.add_argument_group("SWAG (checkpoints of train.py --swag)")
     swag.add_argument("--swag_samples", type=cli.NON_NEGATIVE_INT, default=0, metavar="S",
                       help="average the predictions of S models sampled from SWAG (30 in the "
@@ -221,8 +221,9 @@ def evaluate_weights(ckpt, args, model, ds, weights, batch_size):
     except ValueError as e:
         raise checkpoints.CheckpointError(str(e)) from None
     refreshed = False
-    if weights == "SWA" and (args.bn_update or not ckpt.get("swa_bn_updated", False)):
-        # The average's BatchNorm statistics are stale: recompute them as train.py would.
+    stale = weights == "SWA" and not ckpt.get("swa_bn_updated", False)
+    if stale or getattr(args, "bn_update", False):
+        # Recompute the statistics as train.py does for the average.
         saved = ckpt.get("args") or {}
         refreshed = refresh_batch_norm(model, ds, batch_size, saved.get("seed", 1),
                                        refresh_epoch(ckpt)) > 0
@@ -231,7 +232,7 @@ def evaluate_weights(ckpt, args, model, ds, weights, batch_size):
 
 def describe(weights, result, info, args):
     if weights == "SGD":
-        return "SGD weights"
+        return "SGD weights" + (" (BatchNorm statistics recomputed)" if result["refreshed"] else "")
     if weights == "SWA":
         return f"SWA weights (average of {info['swa_n']} models" + (
             ", BatchNorm statistics recomputed)" if result["refreshed"] else ")")

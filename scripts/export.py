@@ -1,0 +1,159 @@
+"""Export a checkpoint's SWA weights for Paddle Inference, checked against the dynamic model.
+
+    python scripts/export.py --model_path runs/digits/checkpoint-60.pdparams --out exported/digits
+
+Writes PREFIX.json (the program) and PREFIX.pdiparams (the weights) with paddle.jit.save.
+The exported model takes float32 images in NCHW layout scaled to [0, 1] (pixel / 255), of
+the checkpoint's dataset's shape with any batch size, and returns logits: the per-channel
+normalisation the model was trained with is part of it. The average's BatchNorm statistics
+are recomputed first if the checkpoint's are stale. Before it returns, Paddle Inference's
+predictor must give the dynamic model's logits on a test batch. --fold_bn folds each
+BatchNorm that directly follows a convolution into it (fewer operations at inference).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Paddle's C++ side logs each graph pass and warning while saving and loading a program;
+# only errors are worth a user's eye here (set before Paddle starts its logging).
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import runtime  # noqa: E402  (first: sets the math library's path, quiets Paddle's warnings)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import eval as evaluation  # noqa: E402
+
+
+class Normalized(paddle.nn.Layer):
+    """`model` fed with (x - mean) / std per channel: what the exported program runs."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        shape = [1, len(mean), 1, 1]
+        self.register_buffer("mean", paddle.to_tensor(np.asarray(mean, np.float32).reshape(shape)))
+        self.register_buffer("std", paddle.to_tensor(np.asarray(std, np.float32).reshape(shape)))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def fold_batch_norm(model):
+    """Fold every BatchNorm2D that directly follows a Conv2D in a Sequential into the
+    convolution (eval-mode arithmetic: the same outputs up to rounding). Returns the count."""
+    folded = 0
+    for layer in model.sublayers(include_self=True):
+        if not isinstance(layer, paddle.nn.Sequential):
+            continue
+        names = list(layer._sub_layers)
+        for first, second in zip(names, names[1:]):
+            conv, bn = layer._sub_layers[first], layer._sub_layers[second]
+            if isinstance(conv, paddle.nn.Conv2D) and isinstance(bn, paddle.nn.BatchNorm2D) \
+                    and conv._data_format == bn._data_format == "NCHW":
+                layer._sub_layers[first] = _folded(conv, bn)
+                layer._sub_layers[second] = paddle.nn.Identity()
+                folded += 1
+    return folded
+
+
+def _folded(conv, bn):
+    scale = bn.weight / paddle.sqrt(bn._variance + bn._epsilon)
+    bias = conv.bias if conv.bias is not None else paddle.zeros([conv._out_channels])
+    new = paddle.nn.Conv2D(conv._in_channels, conv._out_channels, conv._kernel_size,
+                           stride=conv._stride, padding=conv._padding, dilation=conv._dilation,
+                           groups=conv._groups)
+    with paddle.no_grad():
+        new.weight.set_value(conv.weight * scale.reshape([-1, 1, 1, 1]))
+        new.bias.set_value((bias - bn._mean) * scale + bn.bias)
+    return new
+
+
+def predictor_logits(prefix, x):
+    """Logits of the exported files for batch `x` (numpy), through Paddle Inference."""
+    import paddle.inference as inference
+
+    config = inference.Config(prefix + ".json", prefix + ".pdiparams")
+    config.disable_glog_info()
+    if paddle.get_device() == "cpu":
+        config.disable_gpu()
+    predictor = inference.create_predictor(config)
+    handle = predictor.get_input_handle(predictor.get_input_names()[0])
+    handle.reshape(list(x.shape))
+    handle.copy_from_cpu(x)
+    predictor.run()
+    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+
+
+def build_parser():
+    p = cli.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", required=True, metavar="CKPT", help="checkpoint written by train.py (required)")
+    p.add_argument("--out", required=True, metavar="PREFIX", type=cli.path_argument,
+                   help="path prefix of the files to write, e.g. exported/model (required)")
+    p.add_argument("--sgd", action="store_true", help="export the SGD weights (default: SWA's)")
+    p.add_argument("--fold_bn", action="store_true",
+                   help="fold BatchNorm into the convolution before it, where one directly "
+                        "follows another (default: off)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files (default: off)")
+    cli.add_checkpoint_overrides(p, "the checkpoint's")
+    return p
+
+
+def export(args):
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
+                             "writable; create it or choose another --out")
+    outputs = [args.out + ".json", args.out + ".pdiparams"]
+    if any(os.path.exists(p) for p in outputs) and not args.overwrite:
+        raise cli.UsageError(f"--out {args.out}: {args.out}.json or .pdiparams exists; choose "
+                             "another prefix or pass --overwrite")
+    ckpt = checkpoints.load_checkpoint(args.model_path)
+    model, ds, _ = evaluation.model_for(ckpt, args.model_path, args.model, args.dataset,
+                                        args.data_path, args.device, args.threads)
+    weights = "SGD" if args.sgd or not ckpt.get("swa_n") else "SWA"
+    batch_size = evaluation._setting(args.batch_size, ckpt.get("args"), "batch_size", 128)
+    evaluation.evaluate_weights(ckpt, args, model, ds, weights, batch_size)  # loads, refreshes
+    network = Normalized(model, ds.mean, ds.std)
+    network.eval()
+    x = ds.test.images[:min(len(ds.test), 64)].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    with paddle.no_grad():
+        dynamic = network(paddle.to_tensor(x)).numpy()  # before folding: folding is checked too
+    folded = fold_batch_norm(model) if args.fold_bn else 0
+    channels, height, width = ds.image_shape
+    spec = [paddle.static.InputSpec([None, channels, height, width], "float32", "image")]
+    staging = f"{args.out}.{os.getpid()}.tmp"  # renamed into place once checked
+    try:
+        paddle.jit.save(network, staging, input_spec=spec)
+        exported = predictor_logits(staging, x)
+        worst = float(np.abs(exported - dynamic).max())
+        if not np.allclose(exported, dynamic, rtol=1e-4, atol=1e-4):
+            raise cli.RunFailed(f"Paddle Inference's logits differ from the dynamic model's by up "
+                                f"to {worst:.3g}; nothing was written")
+        for path in outputs:
+            os.replace(staging + path[len(args.out):], path)
+    finally:
+        for suffix in (".json", ".pdiparams", ".pdmodel"):
+            if os.path.exists(staging + suffix):
+                os.unlink(staging + suffix)
+    return weights, folded, outputs, worst, len(x)
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
+    weights, folded, outputs, worst, count = export(args)
+    print(f"exported the {weights} weights" + (f" ({folded} BatchNorm layers folded)" if folded else "")
+          + f": {', '.join(outputs)}")
+    print(f"checked: Paddle Inference's logits on {count} test images equal the dynamic model's "
+          f"(largest difference {worst:.2g})")
+    return 0
+
+
+def main(argv=None):
+    return cli.main("export.py", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
