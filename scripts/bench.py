@@ -7,7 +7,8 @@ Prints, with the machine and settings:
   1. train and eval images/s per model: Paddle's defaults against train.py's automatic CPU
      settings (each measured in a fresh process, since MKL reads its settings once);
   2. one SWA averaging step against the numpy memory floor (a *= 1-alpha; a += alpha*b in
-     place over as many float32 values);
+     place over as many float32 values), and an EMA update (done after every training step)
+     as a fraction of a training step;
   3. the BatchNorm refresh against one forward pass over the same images, and what an
      intermediate SWA evaluation costs in epochs;
   4. the data loader's images/s against training's;
@@ -32,9 +33,10 @@ import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import engine  # noqa: E402
 import models  # noqa: E402
-import report  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -67,8 +69,8 @@ def worker_speed(model_name, batch_size, repeats, settings):
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
     x, y = synthetic_batch(batch_size)
     batches = [(x, y)]
-    train = median_time(lambda: utils.run_epoch(batches, model, optimizer), repeats)
-    evaluate = median_time(lambda: utils.run_epoch(batches, model), repeats)
+    train = median_time(lambda: engine.run_epoch(batches, model, optimizer), repeats)
+    evaluate = median_time(lambda: engine.run_epoch(batches, model), repeats)
     has_bn = any(isinstance(layer, paddle.nn.layer.norm._BatchNormBase) for layer in model.sublayers())
     refresh = median_time(lambda: utils.bn_update(batches, model), repeats) if has_bn else None
     return {"settings": description, "train": batch_size / train, "eval": batch_size / evaluate,
@@ -147,18 +149,20 @@ def section_speed(names, batch_size, repeats, rounds):
     return results
 
 
-def section_averaging(names, repeats):
-    print("\n2. One SWA averaging step (train.py's settings) against the numpy floor")
+def section_averaging(speed, names, batch_size, repeats):
+    print("\n2. One SWA averaging step (train.py's settings) against the numpy floor, and an EMA update\n"
+          f"   (after every step) against a training step of batch {batch_size} (from 1.)")
     print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'SWA.update':>11s} {'moving_avg':>11s} "
-          f"{'floor':>9s} {'ratio':>6s}")
+          f"{'floor':>9s} {'ratio':>6s} {'EMA update':>11s} {'of a step':>9s}")
     for name in names:
         runtime.tune_cpu(0, name)
         a = models.build(name)
-        swa = utils.SWA(a)
+        swa, ema = utils.SWA(a), utils.SWA(a, ema_decay=0.999)
         reference = models.build(name)
         count = sum(int(p.numel()) for p in a.parameters())
         fused = median_time(lambda: swa.update(a), repeats, warmup=2)
         plain = median_time(lambda: utils.moving_average(reference, a, 0.1), repeats, warmup=2)
+        each_step = median_time(lambda: ema.update(a), repeats, warmup=2)
         x, y, scratch = (np.ones(count, np.float32) for _ in range(3))
 
         def floor():
@@ -166,8 +170,10 @@ def section_averaging(names, repeats):
             np.multiply(y, 0.1, out=scratch)
             np.add(x, scratch, out=x)
         floor_time = median_time(floor, repeats, warmup=2)
+        step = batch_size / speed[(name, "tuned")]["train"]
         print(f"{name:16s} {count:9d} {len(list(a.parameters())):7d} {fused * 1e3:8.2f} ms "
-              f"{plain * 1e3:8.2f} ms {floor_time * 1e3:6.2f} ms {fused / floor_time:6.2f}")
+              f"{plain * 1e3:8.2f} ms {floor_time * 1e3:6.2f} ms {fused / floor_time:6.2f} "
+              f"{each_step * 1e3:8.2f} ms {100 * each_step / step:8.2f}%")
 
 
 def section_refresh(speed, names, train_size=50_000, test_size=10_000):
@@ -228,7 +234,7 @@ def section_run(repeats, epochs=60, swa_start=40):
 
 
 def main(argv=None):
-    p = report.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="VGG16,PreResNet110,PreResNet164,SimpleCNN",
                    help="comma-separated zoo models (default: VGG16,PreResNet110,PreResNet164,SimpleCNN)")
     p.add_argument("--batch_size", type=int, default=64, help="batch size (default: 64)")
@@ -251,7 +257,7 @@ def main(argv=None):
     print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
           "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
     speed = section_speed(names, args.batch_size, args.repeats, args.rounds)
-    section_averaging(names, max(20, args.repeats))  # milliseconds each: cheap to repeat
+    section_averaging(speed, names, args.batch_size, max(20, args.repeats))  # ms each: cheap to repeat
     section_refresh(speed, names)
     section_loader(speed, names, args.batch_size, args.repeats)
     section_run(args.repeats + 2)

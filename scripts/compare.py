@@ -1,18 +1,20 @@
-"""SGD against SWA with the same budget over several seeds: mean +- std and a plot.
+"""SGD against SWA (and SWAG) with the same budget over several seeds: mean +- std and a plot.
 
     python scripts/compare.py --seeds 1 2 3 4 5 --out_dir runs/compare
-    python scripts/compare.py --seeds 1 2 3 4 5 --label_noise 0.3 --out_dir runs/compare-noisy
+    python scripts/compare.py --seeds 1 2 3 4 5 --label_noise 0.3 --swag_samples 30 --out_dir runs/noisy
     python scripts/compare.py --dataset CIFAR10 --model PreResNet110 --epochs 150 \
         --swa_start 126 --swa_lr 0.05 --seeds 1 2 3 --out_dir runs/c10 -- --wd 3e-4
 
 For each seed, train.py runs twice with the same number of epochs: SGD with the original
-schedule (decaying to lr_init/100) and SWA (decaying to --swa_lr, then averaging). The final
-test accuracy and NLL of the SGD model and of the average are read from each run's
-metrics.csv. Flags after `--` go to every train.py run.
+schedule (decaying to lr_init/100) and SWA (decaying to --swa_lr, then averaging; with
+--swag_samples it also fits SWAG). eval.py then scores the final checkpoints on the test set:
+accuracy, NLL and ECE of SGD and SWA, and with --swag_samples of SWAG-diagonal and SWAG's
+Bayesian model averages of that many samples. Flags after `--` go to every train.py run.
 """
 import csv
 import os
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -22,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cli  # noqa: E402
-import report  # noqa: E402
+
+METRICS = ("accuracy", "nll", "ece")
+LABELS = {"accuracy": "test accuracy (%)", "nll": "test NLL", "ece": "test ECE (%)"}
 
 
 def build_parser():
@@ -39,6 +43,9 @@ def build_parser():
                    help="SWA learning rate (default: 0.05)")
     p.add_argument("--label_noise", type=cli.number(float, 0, 1, high_open=True), default=0.0,
                    help="fraction of training labels replaced at random (default: 0)")
+    p.add_argument("--swag_samples", type=cli.NON_NEGATIVE_INT, default=0, metavar="S",
+                   help="also fit SWAG in the SWA runs and score SWAG-diagonal and SWAG with S "
+                        "samples each (default: 0, off)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="auto uses the GPUs when Paddle has them: one run per visible GPU at a "
                         "time; on a CPU, --jobs runs of one thread each (default: auto)")
@@ -70,18 +77,76 @@ def train_command(args, method, seed, extra, device):
                "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed),
                "--label_noise", str(args.label_noise), "--eval_freq", str(args.epochs),
                "--save_freq", str(args.epochs), "--no_visualdl", "--device", device,
-               "--dir", os.path.join(args.out_dir, f"{method}-seed{seed}")]
+               "--dir", run_dir(args, method, seed)]
     if device == "cpu":
         command += ["--threads", "1"]
     if method == "swa":
         command += ["--swa", "--swa_start", str(args.swa_start), "--swa_lr", str(args.swa_lr)]
+        command += ["--swag"] if args.swag_samples else []
     return command + (["--overwrite"] if args.overwrite else []) + extra
 
 
-def final_scores(run_dir, method):
-    last = report.read_metrics(run_dir)[-1]
-    prefix = "swa_te" if method == "swa" else "te"
-    return last[f"{prefix}_acc"], last[f"{prefix}_loss"]
+def eval_commands(args, method, seed, device):
+    """eval.py calls scoring a finished run: ({weights eval.py prints: method}, command)."""
+    path = os.path.join(run_dir(args, method, seed), f"checkpoint-{args.epochs}.pdparams")
+    base = [sys.executable, os.path.join(ROOT, "eval.py"), "--model_path", path, "--device", device]
+    if method == "sgd":
+        return [({"SGD": "SGD"}, base)]
+    if not args.swag_samples:
+        return [({"SWA": "SWA"}, base)]
+    swag = base + ["--swag_samples", str(args.swag_samples)]
+    return [({"SWA": "SWA", "SWAG": "SWAG"}, swag), ({"SWAG": "SWAG-diag"}, swag + ["--swag_diag"])]
+
+
+def run_dir(args, method, seed):
+    return os.path.join(args.out_dir, f"{method}-seed{seed}")
+
+
+def parse_scores(output):
+    """{weights: {accuracy, nll, ece}} from eval.py's lines."""
+    found = {}
+    for line in output.splitlines():
+        match = re.match(r"(SGD|SWA|SWAG)\b.*: accuracy ([\d.]+)%  NLL ([\d.]+)  ECE ([\d.]+)%", line)
+        if match:
+            found[match[1]] = dict(zip(METRICS, map(float, match.groups()[1:])))
+    return found
+
+
+def run_all(args, extra):
+    """Train and score every (method, seed), at most one per GPU or --jobs on a CPU at a time.
+    Returns {method: {seed: {metric: value}}}."""
+    gpus = visible_gpus(args.device)
+    slots = queue.Queue()
+    for slot in gpus or range(args.jobs or os.cpu_count() or 1):
+        slots.put(slot)
+    device = "gpu" if gpus else "cpu"
+
+    def run(job):
+        method, seed = job
+        slot = slots.get()
+        try:
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot)) if gpus else None
+            commands = [({}, train_command(args, method, seed, extra, device))]
+            commands += eval_commands(args, method, seed, device)
+            scores = {}
+            for names, command in commands:
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+                    raise cli.RunFailed(f"the {method} run with seed {seed} failed: {message}")
+                printed = parse_scores(done.stdout)
+                scores.update({name: printed[weights] for weights, name in names.items()})
+            return job, scores
+        finally:
+            slots.put(slot)
+
+    results = {}
+    jobs = [(method, seed) for seed in args.seeds for method in ("sgd", "swa")]
+    with ThreadPoolExecutor(slots.qsize()) as pool:
+        for (_, seed), scores in pool.map(run, jobs):
+            for name, values in scores.items():
+                results.setdefault(name, {})[seed] = values
+    return {name: results[name] for name in ("SGD", "SWA", "SWAG-diag", "SWAG") if name in results}
 
 
 def summary(values):
@@ -94,50 +159,23 @@ def plot(results, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    for axis, index, label in ((axes[0], 0, "test accuracy (%)"), (axes[1], 1, "test NLL")):
-        for x, method in enumerate(("sgd", "swa")):
-            values = [r[index] for r in results[method].values()]
+    colours = {"SGD": "tab:blue", "SWA": "tab:red", "SWAG-diag": "tab:olive", "SWAG": "tab:green"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    for axis, metric in zip(axes, METRICS):
+        for x, (method, by_seed) in enumerate(results.items()):
+            values = [v[metric] for v in by_seed.values()]
             mean, std = summary(values)
             axis.scatter([x] * len(values), values, color="gray", s=14, zorder=2)
             axis.errorbar([x + 0.15], [mean], yerr=[std], fmt="o", capsize=5, zorder=3,
-                          color="tab:blue" if method == "sgd" else "tab:red")
-        axis.set_xticks([0, 1], ["SGD", "SWA"])
-        axis.set_xlim(-0.5, 1.6)
-        axis.set_ylabel(label)
+                          color=colours[method])
+        axis.set_xticks(range(len(results)), list(results))
+        axis.set_xlim(-0.5, len(results) - 0.4)
+        axis.set_ylabel(LABELS[metric])
         axis.grid(alpha=0.3)
-    fig.suptitle(f"{len(results['sgd'])} seeds, mean +- std (dots: single runs)")
+    fig.suptitle(f"{len(next(iter(results.values())))} seeds, mean +- std (dots: single runs)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-def run_all(args, extra):
-    """Every (method, seed) run, at most one per GPU or --jobs on a CPU at a time."""
-    gpus = visible_gpus(args.device)
-    slots = queue.Queue()
-    for slot in gpus or range(args.jobs or os.cpu_count() or 1):
-        slots.put(slot)
-    jobs = [(method, seed) for seed in args.seeds for method in ("sgd", "swa")]
-
-    def run(job):
-        method, seed = job
-        slot = slots.get()
-        try:
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot)) if gpus else None
-            command = train_command(args, method, seed, extra, "gpu" if gpus else "cpu")
-            return job, subprocess.run(command, capture_output=True, text=True, env=env)
-        finally:
-            slots.put(slot)
-
-    results = {"sgd": {}, "swa": {}}
-    with ThreadPoolExecutor(slots.qsize()) as pool:
-        for (method, seed), done in pool.map(run, jobs):
-            if done.returncode != 0:
-                message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                raise cli.RunFailed(f"the {method} run with seed {seed} failed: {message}")
-            results[method][seed] = final_scores(os.path.join(args.out_dir, f"{method}-seed{seed}"), method)
-    return results
 
 
 def compare(argv):
@@ -148,21 +186,21 @@ def compare(argv):
         raise cli.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
     os.makedirs(args.out_dir, exist_ok=True)
     results = run_all(args, extra)
-
     with open(os.path.join(args.out_dir, "compare.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "test_acc", "test_nll"])
-        for method in ("sgd", "swa"):
-            for seed, (acc, nll) in sorted(results[method].items()):
-                writer.writerow([method, seed, acc, nll])
+        writer.writerow(["method", "seed", "test_acc", "test_nll", "test_ece"])
+        for method, by_seed in results.items():
+            for seed, values in sorted(by_seed.items()):
+                writer.writerow([method, seed] + [values[m] for m in METRICS])
     noise = f", {args.label_noise:.0%} of training labels replaced" if args.label_noise else ""
+    swag = f"; SWAG from {args.swag_samples} samples" if args.swag_samples else ""
     print(f"{args.model} on {args.dataset}, {args.epochs} epochs each{noise}; SWA from epoch "
-          f"{args.swa_start} at lr {args.swa_lr}; seeds {' '.join(map(str, args.seeds))}")
-    print(f"{'method':8s} {'test accuracy (%)':>20s} {'test NLL':>18s}")
-    for method in ("sgd", "swa"):
-        acc = summary([r[0] for r in results[method].values()])
-        nll = summary([r[1] for r in results[method].values()])
-        print(f"{method.upper():8s} {acc[0]:12.2f} +- {acc[1]:4.2f} {nll[0]:10.4f} +- {nll[1]:6.4f}")
+          f"{args.swa_start} at lr {args.swa_lr}{swag}; seeds {' '.join(map(str, args.seeds))}")
+    print(f"{'method':10s} {'test accuracy (%)':>20s} {'test NLL':>18s} {'test ECE (%)':>16s}")
+    for method, by_seed in results.items():
+        cells = [summary([v[m] for v in by_seed.values()]) for m in METRICS]
+        print(f"{method:10s} {cells[0][0]:12.2f} +- {cells[0][1]:4.2f} {cells[1][0]:10.4f} +- "
+              f"{cells[1][1]:6.4f} {cells[2][0]:9.2f} +- {cells[2][1]:4.2f}")
     out = os.path.join(args.out_dir, "compare.png")
     plot(results, out)
     print(f"per-seed results: {os.path.join(args.out_dir, 'compare.csv')}; plot: {out}")

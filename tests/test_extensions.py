@@ -159,16 +159,20 @@ def test_label_noise_changes_exactly_that_fraction():
     np.testing.assert_array_equal(ds.labels, labels)  # the original is untouched
 
 
-def test_compare_script_reports_both_methods(tmp_path):
+def test_compare_script_reports_every_method_with_eval_scores(tmp_path):
     out_dir = tmp_path / "cmp"
     result = run_script(os.path.join("scripts", "compare.py"), "--seeds", 1, 2, "--epochs", 3,
-                        "--swa_start", 2, "--label_noise", 0.2, "--out_dir", out_dir)
+                        "--swa_start", 2, "--label_noise", 0.2, "--swag_samples", 2,
+                        "--out_dir", out_dir)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "20% of training labels replaced" in result.stdout
-    for method in ("SGD", "SWA"):
-        assert re.search(rf"^{method}\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+$", result.stdout, re.M)
+    assert "20% of training labels replaced" in result.stdout and "SWAG from 2 samples" in result.stdout
+    for method in ("SGD", "SWA", "SWAG-diag", "SWAG"):
+        assert re.search(rf"^{method}\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+$",
+                         result.stdout, re.M), method
     lines = (out_dir / "compare.csv").read_text().splitlines()
-    assert lines[0] == "method,seed,test_acc,test_nll" and len(lines) == 5
+    assert lines[0] == "method,seed,test_acc,test_nll,test_ece" and len(lines) == 9
     assert (out_dir / "compare.png").stat().st_size > 10_000
     swa_row = report.read_metrics(str(out_dir / "swa-seed1"))[-1]
-    assert float(lines[3].split(",")[2]) == pytest.approx(swa_row["swa_te_acc"])
+    swa_line = next(line for line in lines if line.startswith("SWA,1,"))
+    assert float(swa_line.split(",")[2]) == pytest.approx(swa_row["swa_te_acc"], abs=1e-3)
+    assert float(swa_line.split(",")[3]) == pytest.approx(swa_row["swa_te_loss"], abs=1e-3)
