@@ -164,3 +164,25 @@ def test_a_missing_dataset_is_downloaded_once_and_read_intact_by_every_rank(tmp_
     ckpt = checkpoints.load_checkpoint(str(tmp_path / "run" / "checkpoint-1.pdparams"))
     assert ckpt["dataset"] == "CIFAR10"
     assert "(40 train / 8 test)" in (logs / "workerlog.0").read_text()
+
+
+def test_a_data_parallel_fit_with_the_callback_ends_with_one_average_on_every_rank(tmp_path):
+    proc = launch([os.path.join("tests", "dist_fit.py"), tmp_path / "out"], tmp_path / "logs",
+                  nproc=2, port=free_port())
+    finish([proc])
+    assert [(tmp_path / "out" / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2 1", "2 1"]
+    rank0, rank1 = (np.load(tmp_path / "out" / f"rank{r}.npz") for r in (0, 1))
+    assert any(k.endswith("_variance") for k in rank0.files)
+    for key in rank0.files:  # the averaged weights and the all-reduced refresh
+        np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
+
+
+def test_a_one_process_run_continues_on_two_at_an_epoch_end(tmp_path):
+    import train
+    from helpers import run_main
+    assert run_main(train.main, *RUN, "--epochs", 2, "--save_freq", 1, "--dir", tmp_path / "run").returncode == 0
+    proc = launch(["train.py", *RUN, "--save_freq", 1, "--dir", tmp_path / "run", "--resume", "auto"],
+                  tmp_path / "logs", nproc=2, port=free_port())
+    output, = finish([proc])
+    assert "2 processes x 64" in output and "resuming from" in output
+    assert report.read_metrics(str(tmp_path / "run"))[-1]["ep"] == 4
