@@ -3,8 +3,9 @@
     python -m paddle.distributed.launch --nproc_per_node 2 tests/dist_bn_check.py <out_dir>
 
 Each rank refreshes a SimpleCNN's statistics from its own shard (distributed=True); every
-rank also refreshes a copy alone over both shards' batches in sequence. Writes
-<out_dir>/rank<r>.npz with both results.
+rank also refreshes a copy alone over both shards' batches in sequence. The same for a model
+of SyncBatchNorm layers, with 2 batches on rank 0 and 1 on rank 1. Writes
+<out_dir>/rank<r>.npz with all results.
 """
 import os
 import sys
@@ -42,6 +43,13 @@ seen_alone = utils.bn_update([b for shard in shards for b in batches(shard)], al
 assert seen == seen_alone == 203, (seen, seen_alone)
 
 
+# SyncBatchNorm with 2 batches on rank 0 and 1 on rank 1: must neither hang nor differ.
+sync = paddle.nn.Sequential(paddle.nn.SyncBatchNorm(3), paddle.nn.Conv2D(3, 2, 3), paddle.nn.SyncBatchNorm(2))
+sync_alone = copy.deepcopy(sync)
+utils.bn_update(batches(shards[rank], size=101), sync, distributed=True)
+utils.bn_update([b for shard in shards for b in batches(shard, size=101)], sync_alone)
+
+
 def stats(m):
     return {f"{name}": p.numpy() for name, p in m.named_parameters() if name.endswith(("_mean", "_variance"))}
 
@@ -49,4 +57,6 @@ def stats(m):
 os.makedirs(sys.argv[1], exist_ok=True)
 np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"),
          **{"dist/" + k: v for k, v in stats(model).items()},
-         **{"alone/" + k: v for k, v in stats(alone).items()})
+         **{"alone/" + k: v for k, v in stats(alone).items()},
+         **{"dist/sync/" + k: v for k, v in stats(sync).items()},
+         **{"alone/sync/" + k: v for k, v in stats(sync_alone).items()})

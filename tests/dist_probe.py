@@ -20,6 +20,7 @@ import checkpoints  # noqa: E402
 import engine  # noqa: E402
 import report  # noqa: E402
 import train  # noqa: E402
+import utils  # noqa: E402
 
 probe_dir = sys.argv[1]
 sys.argv = ["train.py"] + sys.argv[2:]
@@ -65,6 +66,9 @@ code = train.main()
 run = captured["run"]
 state = {f"sgd/{k}": v.numpy() for k, v in run.model.state_dict().items()}
 state.update({f"swa/{k}": v.numpy() for k, v in run.swa.model.state_dict().items()})
+if isinstance(run.swa, utils.SWAG):
+    state["swag/var_sum"] = run.swa.var_sum.numpy()
+    state.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(run.swa.deviations)})
 os.makedirs(probe_dir, exist_ok=True)
 np.savez(os.path.join(probe_dir, f"rank{rank}.npz"), **state)
 with open(os.path.join(probe_dir, f"rank{rank}.json"), "w") as f:

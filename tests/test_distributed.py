@@ -13,7 +13,7 @@ import report
 from helpers import finish, free_port, launch, run_script, start, write_cifar10
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",
-       "--swa_lr", "0.05", "--eval_freq", "2"]
+       "--swa_lr", "0.05", "--eval_freq", "2", "--swag", "--swag_rank", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_average_and_batchnorm_statistics_identical_on_every_rank(two_process_ru
     rank0, rank1 = (np.load(base / "probe" / f"rank{r}.npz") for r in (0, 1))
     assert sorted(rank0.files) == sorted(rank1.files)
     swa_keys = [k for k in rank0.files if k.startswith("swa/")]
-    assert any(k.endswith("_variance") for k in swa_keys)
+    assert any(k.endswith("_variance") for k in swa_keys) and "swag/deviation1" in rank0.files
     for key in rank0.files:  # SGD weights and statistics too (synchronised every epoch)
         np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
 
@@ -91,8 +91,11 @@ def test_two_nodes_on_one_machine_with_the_launch_script(tmp_path):
 
 def _final(run_dir):
     ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
-    return {f"{part}/{k}": v.numpy() for part in ("state_dict", "swa_state_dict")
-            for k, v in ckpt[part].items()}
+    final = {f"{part}/{k}": v.numpy() for part in ("state_dict", "swa_state_dict")
+             for k, v in ckpt[part].items()}
+    final["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
+    final.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
+    return final
 
 
 def _rows(run_dir):
