@@ -220,10 +220,17 @@ def _plan(args):
         path = found[max(found)] if found else None
     if path is None:
         if previous and not args.overwrite:
+            advice = (" but no checkpoint to resume" if args.resume == "auto"
+                      else "; resume it with --resume auto")
             raise cli.UsageError(f"--dir {args.dir} holds a previous run "
-                                 f"({os.path.basename(previous[0])}); resume it with --resume "
-                                 "auto, choose another --dir, or pass --overwrite")
+                                 f"({os.path.basename(previous[0])}){advice}; choose another "
+                                 "--dir, or pass --overwrite to replace it")
         return Plan(run_id=rundir.new_run_id(), discard=previous)
+    return _plan_resume(args, path, previous, record)
+
+
+def _plan_resume(args, path, previous, record):
+    """The plan for resuming from checkpoint `path`, once it is known to fit the run."""
     ckpt = checkpoints.load_checkpoint(path)
     saved = ckpt.get("args")
     if not isinstance(saved, dict):
