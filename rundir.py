@@ -4,16 +4,23 @@
     DIR/.lock      held by the process writing DIR (an advisory lock the system drops when the
                    process ends, however it ends, so a killed run never leaves it stale)
 
-Only the standard library is used.
+`plan_start` decides, before anything is written, how train.py starts in --dir: afresh,
+or resuming which checkpoint, and what of the run it may discard; `record_run` then writes
+the record.
 """
+import dataclasses
 import errno
 import fcntl
 import glob
 import json
 import os
+import shlex
 import shutil
+import sys
 import uuid
+from dataclasses import dataclass
 
+import checkpoints
 import cli
 
 RECORD = "run.json"
@@ -111,3 +118,137 @@ def differences(recorded, current, names):
     """`--flag (run: X, now: Y)` for each of `names` whose value differs."""
     return [f"--{name} (run: {show(recorded.get(name))}, now: {show(current.get(name))})"
             for name in names if recorded.get(name) != current.get(name)]
+
+
+# --------------------------------------------------------------------------- starting a run
+
+@dataclass
+class Plan:
+    """How this run starts, decided on rank 0 and shared with every rank."""
+    resume: str | None = None         # checkpoint to resume from
+    run_id: str = ""
+    discard: list = dataclasses.field(default_factory=list)   # files of the run to delete
+    finished: str = ""                # the run is already done: say so and stop
+    created_dir: bool = False
+
+
+def plan_start(args, identity, legacy=None):
+    """Check --dir and --resume for train.py's `args`; returns (Plan, lock). Nothing in --dir
+    changes but its lock (a --dir that did not exist is created for it, and removed again if
+    a check fails).
+
+    Args:
+        args: train.py's arguments (dir, resume, overwrite, epochs, and the `identity` flags).
+        identity: the names of the flags that define a run (a resume may not change them).
+        legacy: values of identity flags that older checkpoints do not record.
+    """
+    existing = os.path.abspath(args.dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not os.path.isdir(existing) else "not writable"
+        raise cli.UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
+                             "choose another --dir")
+    created = not os.path.isdir(args.dir)
+    os.makedirs(args.dir, exist_ok=True)
+    try:
+        lock = acquire_lock(args.dir)
+        try:
+            plan = _plan(args, identity, legacy or {})
+        except BaseException:
+            lock.close()
+            raise
+    except BaseException:
+        if created:
+            remove_created_dir(args.dir)
+        raise
+    plan.created_dir = created
+    return plan, lock
+
+
+def remove_created_dir(directory):
+    """Remove a --dir made by plan_start if only its lock file is in it."""
+    lock = os.path.join(directory, LOCK)
+    if os.path.exists(lock):
+        os.unlink(lock)
+    if not os.listdir(directory):
+        os.rmdir(directory)
+
+
+def _plan(args, identity, legacy):
+    previous = previous_run_files(args.dir)
+    record = read_record(args.dir)
+    path = args.resume
+    if path == "auto":
+        found = checkpoints.list_checkpoints(args.dir)
+        path = found[max(found)] if found else None
+    if path is None:
+        if previous and not args.overwrite:
+            advice = (" but no checkpoint to resume" if args.resume == "auto"
+                      else "; resume it with --resume auto")
+            raise cli.UsageError(f"--dir {args.dir} holds a previous run "
+                                 f"({os.path.basename(previous[0])}){advice}; choose another "
+                                 "--dir, or pass --overwrite to replace it")
+        return Plan(run_id=new_run_id(), discard=previous)
+    return _plan_resume(args, path, previous, record, identity, legacy)
+
+
+def _plan_resume(args, path, previous, record, identity, legacy):
+    """The plan for resuming from checkpoint `path`, once it is known to fit the run."""
+    ckpt = checkpoints.load_checkpoint(path)
+    saved = ckpt.get("args")
+    if not isinstance(saved, dict):
+        raise cli.UsageError(f"--resume {path} does not record the flags it was trained with, "
+                             "so it cannot be resumed; start from its weights with --init")
+    run_id = ckpt.get("run_id") or (record or {}).get("run_id") or new_run_id()
+    theirs = record.get("run_id") if record else None
+    if theirs and ckpt.get("run_id") and theirs != ckpt["run_id"]:
+        raise cli.UsageError(f"--resume {path} is a checkpoint of another run than the one in "
+                             f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
+    old = read_args(args.dir) if previous and record is None else None
+    for flags in filter(None, (old, saved)):  # a run of an older version has only args.json
+        check_same_run(path, dict(legacy, **flags), vars(args), identity, args.dir)
+    epoch, step = int(ckpt["epoch"]), int(ckpt.get("step") or 0)
+    if epoch > args.epochs or (epoch == args.epochs and step):
+        raise cli.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
+                             f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))  # the processes of this launch
+    if step and int(ckpt.get("world_size") or 1) != world:
+        raise cli.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.get('world_size') or 1} "
+                             f"processes; resume it with the same number (now {world}), or from an "
+                             "epoch's checkpoint")
+    if epoch == args.epochs:
+        return Plan(finished=f"the run in {args.dir} is finished ({epoch} of {args.epochs} "
+                             "epochs); nothing to do (raise --epochs to train on)")
+    later = [p for position, p in checkpoints.list_checkpoints(args.dir).items()
+             if position > (epoch, step) and os.path.abspath(p) != os.path.abspath(path)]
+    if later and not args.overwrite:
+        raise cli.UsageError(f"--dir {args.dir} has checkpoints after {os.path.basename(path)} "
+                             f"({', '.join(sorted(os.path.basename(p) for p in later))}); pass "
+                             "--overwrite to resume from it and discard them, or resume the newest")
+    return Plan(resume=path, run_id=run_id, discard=later)
+
+
+def check_same_run(path, saved, current, identity, directory):
+    """Refuse a resume whose flags differ from the run's where they define it."""
+    changed = differences(saved, current, identity)
+    if changed:
+        raise cli.UsageError(f"--resume {path}: the command differs from the run's flags in "
+                             f"{'; '.join(changed)}; resume with the run's command (see "
+                             f"{os.path.join(directory, 'command.sh')}) or start a new run in "
+                             "another --dir")
+
+
+def record_run(args, plan, world_size, command, identity):
+    """Write the run's record, command line and arguments; clear what the plan discards."""
+    remove(plan.discard)
+    for stale in os.listdir(args.dir):  # left by saves that were killed; never complete files
+        if stale.endswith(".tmp"):
+            os.unlink(os.path.join(args.dir, stale))
+    write_json(os.path.join(args.dir, RECORD),
+               {"run_id": plan.run_id, "identity": {name: getattr(args, name) for name in identity},
+                "world_size": world_size})
+    command = " ".join(shlex.quote(a) for a in [sys.executable] + command)
+    with open(os.path.join(args.dir, "command.sh"), "a" if plan.resume else "w") as f:
+        f.write(("# resumed from " + plan.resume + "\n" if plan.resume else "") + command + "\n")
+    write_json(os.path.join(args.dir, "args.json"), vars(args))

@@ -8,7 +8,6 @@ unchanged. Under `python -m paddle.distributed.launch` it trains data-parallel.
 import argparse
 import dataclasses
 import os
-import shlex
 import signal
 import sys
 import time
@@ -164,132 +163,6 @@ def check_epochs(args):
                              "model would be averaged; lower --swa_start or raise --epochs")
 
 
-# --------------------------------------------------------------------------- run directory
-
-@dataclass
-class Plan:
-    """How this run starts, decided on rank 0 and shared with every rank."""
-    resume: str | None = None         # checkpoint to resume from
-    run_id: str = ""
-    discard: list = dataclasses.field(default_factory=list)   # files of the run to delete
-    finished: str = ""                # the run is already done: say so and stop
-    created_dir: bool = False
-
-
-def plan_start(args):
-    """Check --dir and --resume; returns (Plan, lock). Nothing in --dir changes but its lock
-    (a --dir that did not exist is created for it, and removed again if a check fails)."""
-    existing = os.path.abspath(args.dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "not a folder" if not os.path.isdir(existing) else "not writable"
-        raise cli.UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
-                             "choose another --dir")
-    created = not os.path.isdir(args.dir)
-    os.makedirs(args.dir, exist_ok=True)
-    try:
-        lock = rundir.acquire_lock(args.dir)
-        try:
-            plan = _plan(args)
-        except BaseException:
-            lock.close()
-            raise
-    except BaseException:
-        if created:
-            remove_created_dir(args.dir)
-        raise
-    plan.created_dir = created
-    return plan, lock
-
-
-def remove_created_dir(directory):
-    lock = os.path.join(directory, rundir.LOCK)
-    if os.path.exists(lock):
-        os.unlink(lock)
-    if not os.listdir(directory):
-        os.rmdir(directory)
-
-
-def _plan(args):
-    previous = rundir.previous_run_files(args.dir)
-    record = rundir.read_record(args.dir)
-    path = args.resume
-    if path == "auto":
-        found = checkpoints.list_checkpoints(args.dir)
-        path = found[max(found)] if found else None
-    if path is None:
-        if previous and not args.overwrite:
-            advice = (" but no checkpoint to resume" if args.resume == "auto"
-                      else "; resume it with --resume auto")
-            raise cli.UsageError(f"--dir {args.dir} holds a previous run "
-                                 f"({os.path.basename(previous[0])}){advice}; choose another "
-                                 "--dir, or pass --overwrite to replace it")
-        return Plan(run_id=rundir.new_run_id(), discard=previous)
-    return _plan_resume(args, path, previous, record)
-
-
-def _plan_resume(args, path, previous, record):
-    """The plan for resuming from checkpoint `path`, once it is known to fit the run."""
-    ckpt = checkpoints.load_checkpoint(path)
-    saved = ckpt.get("args")
-    if not isinstance(saved, dict):
-        raise cli.UsageError(f"--resume {path} does not record the flags it was trained with, "
-                             "so it cannot be resumed; start from its weights with --init")
-    run_id = ckpt.get("run_id") or (record or {}).get("run_id") or rundir.new_run_id()
-    theirs = record.get("run_id") if record else None
-    if theirs and ckpt.get("run_id") and theirs != ckpt["run_id"]:
-        raise cli.UsageError(f"--resume {path} is a checkpoint of another run than the one in "
-                             f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
-    legacy = rundir.read_args(args.dir) if previous and record is None else None
-    for flags in filter(None, (legacy, saved)):  # a run of an older version has only args.json
-        check_same_run(path, dict(LEGACY, **flags), vars(args), args.dir)
-    epoch, step = int(ckpt["epoch"]), int(ckpt.get("step") or 0)
-    if epoch > args.epochs or (epoch == args.epochs and step):
-        raise cli.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
-                             f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
-    world = runtime.distributed_from_env().world_size
-    if step and int(ckpt.get("world_size") or 1) != world:
-        raise cli.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.get('world_size') or 1} "
-                             f"processes; resume it with the same number (now {world}), or from an "
-                             "epoch's checkpoint")
-    if epoch == args.epochs:
-        return Plan(finished=f"the run in {args.dir} is finished ({epoch} of {args.epochs} "
-                             "epochs); nothing to do (raise --epochs to train on)")
-    later = [p for position, p in checkpoints.list_checkpoints(args.dir).items()
-             if position > (epoch, step) and os.path.abspath(p) != os.path.abspath(path)]
-    if later and not args.overwrite:
-        raise cli.UsageError(f"--dir {args.dir} has checkpoints after {os.path.basename(path)} "
-                             f"({', '.join(sorted(os.path.basename(p) for p in later))}); pass "
-                             "--overwrite to resume from it and discard them, or resume the newest")
-    return Plan(resume=path, run_id=run_id, discard=later)
-
-
-def check_same_run(path, saved, current, directory):
-    """Refuse a resume whose flags differ from the run's where they define it."""
-    changed = rundir.differences(saved, current, IDENTITY)
-    if changed:
-        raise cli.UsageError(f"--resume {path}: the command differs from the run's flags in "
-                             f"{'; '.join(changed)}; resume with the run's command (see "
-                             f"{os.path.join(directory, 'command.sh')}) or start a new run in "
-                             "another --dir")
-
-
-def record_run(args, plan, world_size, command):
-    """Write the run's record, command line and arguments; clear what the plan discards."""
-    rundir.remove(plan.discard)
-    for stale in os.listdir(args.dir):  # left by saves that were killed; never complete files
-        if stale.endswith(".tmp"):
-            os.unlink(os.path.join(args.dir, stale))
-    identity = {name: getattr(args, name) for name in IDENTITY}
-    rundir.write_json(os.path.join(args.dir, rundir.RECORD),
-                      {"run_id": plan.run_id, "identity": identity, "world_size": world_size})
-    command = " ".join(shlex.quote(a) for a in [sys.executable] + command)
-    with open(os.path.join(args.dir, "command.sh"), "a" if plan.resume else "w") as f:
-        f.write(("# resumed from " + plan.resume + "\n" if plan.resume else "") + command + "\n")
-    rundir.write_json(os.path.join(args.dir, "args.json"), vars(args))
-
-
 # --------------------------------------------------------------------------- training
 
 class StopFlag:
@@ -376,7 +249,7 @@ class Run:
     net: paddle.nn.Layer            # the model as trained: DataParallel-wrapped when launched
     optimizer: paddle.optimizer.Optimizer
     swa: utils.SWA | None           # the average: SWA's, an EMA, or SWAG (whose mean is SWA)
-    plan: Plan
+    plan: rundir.Plan
     sync_every: int = 1
     metrics: report.MetricsFile | None = None   # rank 0 only, like the two below
     visualdl: report.VisualDLLog | None = None
@@ -404,11 +277,15 @@ class Run:
         """Whether the average takes the model after every step of 0-based `epoch` (an EMA)."""
         return self.average == "ema" and epoch + 1 >= self.args.swa_start
 
+    def local_statistics(self):
+        """The BatchNorm statistics that differ between ranks mid-epoch: the SGD model's, and
+        an EMA's (updated from them every step); both are synchronised at epoch ends."""
+        models_ = [self.model] + ([self.swa.model] if self.average == "ema" else [])
+        return [t for m in models_ for t in engine.batch_norm_statistics(m)]
+
     def rank_state(self, partial):
         """What differs between ranks mid-epoch: their partial sums and BatchNorm statistics."""
-        models_ = [self.model] + ([self.swa.model] if self.average == "ema" else [])
-        return {"partial": partial,
-                "statistics": [t.numpy() for m in models_ for t in engine.batch_norm_statistics(m)]}
+        return {"partial": partial, "statistics": [t.numpy() for t in self.local_statistics()]}
 
     def save(self, epoch, step=0, partial=None):
         """Checkpoint on rank 0; mid-epoch, with every rank's own state. All ranks call it."""
@@ -448,10 +325,8 @@ def restore(run, path):
     if ranks:  # mid-epoch: this rank's own sums and statistics (same world size, checked)
         mine = ranks[run.env.rank]
         partial = mine["partial"]
-        stats = [t for m in [run.model] + ([run.swa.model] if run.average == "ema" else [])
-                 for t in engine.batch_norm_statistics(m)]
         with paddle.no_grad():
-            for t, value in zip(stats, mine["statistics"]):
+            for t, value in zip(run.local_statistics(), mine["statistics"]):
                 t.set_value(value)
     return int(ckpt["epoch"]), int(ckpt.get("step") or 0), partial
 
@@ -494,7 +369,7 @@ def setup(args, command):
     held = []  # rank 0's lock on --dir, kept until the run ends
 
     def decide():
-        plan, lock = plan_start(args)
+        plan, lock = rundir.plan_start(args, IDENTITY, LEGACY)
         held.append(lock)
         return plan
 
@@ -508,7 +383,7 @@ def setup(args, command):
             open_run(run, plan, start[0], command)
     except BaseException:
         if plan.created_dir and env.is_master:
-            remove_created_dir(args.dir)  # only if nothing but the lock is in it
+            rundir.remove_created_dir(args.dir)  # only if nothing but the lock is in it
         raise
     finally:
         if held and (plan.finished or sys.exc_info()[0] is not None):
@@ -522,7 +397,7 @@ def setup(args, command):
 def open_run(run, plan, epoch, command):
     """On rank 0: record the run in --dir and open its logs from `epoch` on."""
     args = run.args
-    record_run(args, plan, run.env.world_size, command)
+    rundir.record_run(args, plan, run.env.world_size, command, IDENTITY)
     run.metrics = report.MetricsFile(args.dir, report.columns(run.average), epoch)
     run.visualdl = None if args.no_visualdl else report.VisualDLLog(args.dir, run.average)
     run.progress = report.Progress()

@@ -57,7 +57,15 @@ def check_out(args):
 
 
 def average(args):
-    lock = check_out(args)  # noqa: F841  (held until the script ends)
+    lock = check_out(args)  # held while the average is made and written
+    try:
+        return _average(args)
+    finally:
+        if lock:
+            lock.close()
+
+
+def _average(args):
     first = checkpoints.load_checkpoint(args.checkpoints[0])
     model, ds, model_name = evaluation.model_for(first, args.checkpoints[0], args.model,
                                                  args.dataset, args.data_path, args.device,

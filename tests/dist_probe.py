@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import checkpoints  # noqa: E402
 import engine  # noqa: E402
 import report  # noqa: E402
+import rundir  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -28,7 +29,7 @@ rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
 record = {"saves": 0, "record_run": 0, "metrics_files": 0, "test_counts": []}
 captured = {}
 
-real_save, real_record, real_setup = checkpoints.save_checkpoint, train.record_run, train.setup
+real_save, real_record, real_setup = checkpoints.save_checkpoint, rundir.record_run, train.setup
 real_metrics_init, real_run_epoch = report.MetricsFile.__init__, engine.run_epoch
 
 
@@ -60,7 +61,7 @@ def counting_run_epoch(batches, model, optimizer=None, **kwargs):
     return result
 
 
-checkpoints.save_checkpoint, train.record_run, train.setup = counting_save, counting_record, capturing_setup
+checkpoints.save_checkpoint, rundir.record_run, train.setup = counting_save, counting_record, capturing_setup
 report.MetricsFile.__init__, engine.run_epoch = counting_metrics, counting_run_epoch
 code = train.main()
 run = captured["run"]

@@ -10,7 +10,7 @@ import pytest
 
 import checkpoints
 import report
-from helpers import finish, free_port, launch, run_script, start, write_cifar10
+from helpers import finish, free_port, launch, run_script, start
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",
        "--swa_lr", "0.05", "--eval_freq", "2", "--swag", "--swag_rank", "2"]

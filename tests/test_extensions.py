@@ -126,7 +126,6 @@ def test_average_checkpoints_is_their_mean_and_evaluates(saved_run, tmp_path):
     for key, value in averaged["swa_state_dict"].items():
         expected = np.mean([s[key].numpy() for s in states], axis=0)
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
-    printed = float(re.search(r"accuracy ([\d.]+)%", result.stdout)[1])
     evaluated = run_main(evaluation.main, "--model_path", out)
     assert "SWA weights (average of 3 models, BatchNorm statistics recomputed)" in evaluated.stdout
     refreshed = run_main(script("average_checkpoints").main, *paths, "--out",
