@@ -132,7 +132,7 @@ def run_epoch(batches, model, optimizer=None, sync_every=1, on_sync=None, after_
 
 def batch_norm_statistics(model):
     """The running mean and variance tensors of every BatchNorm layer of `model`."""
-    return [t for layer in utils._batch_norm_layers(model) for t in (layer._mean, layer._variance)]
+    return utils._batch_norm_statistics(utils._batch_norm_layers(model))
 
 
 def sync_bn_statistics(model, context):
@@ -146,4 +146,4 @@ def sync_bn_statistics(model, context):
     if stats:
         with paddle.no_grad():
             for t, s in zip(stats, context.all_reduce_sum(stats)):
-                paddle.assign((s / context.world_size).astype(t.dtype), output=t)
+                utils._assign(t, s / context.world_size)

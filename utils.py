@@ -58,6 +58,12 @@ def _float32_copy(model):
     return average
 
 
+def _assign(target, value):
+    """Copy `value` into `target` in `target`'s dtype (paddle.assign alone would give `target`
+    the value's dtype)."""
+    paddle.assign(value.astype(target.dtype) if value.dtype != target.dtype else value, output=target)
+
+
 def _load_state(model, state, source="state dict"):
     """Copy `state` (name -> tensor or array) into `model`, requiring the same names and shapes;
     each value is cast to the dtype of the tensor it goes into. ValueError names the first
@@ -77,9 +83,7 @@ def _load_state(model, state, source="state dict"):
             value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
             if str(value.place) != str(target.place):
                 value = value.to(target.place)
-            # assign would give `target` the value's dtype: cast first
-            paddle.assign(value.astype(target.dtype) if value.dtype != target.dtype else value,
-                          output=target)
+            _assign(target, value)
     return model
 
 
@@ -105,10 +109,10 @@ def moving_average(swa_model, model, alpha):
     Example:
         >>> moving_average(swa_model, model, 1.0 / (swa_n + 1)); swa_n += 1
     """
-    averaged, copied = _Pairs(swa_model, model, average_statistics=True).split()
+    pairs = _Pairs(swa_model, model, average_statistics=True)
     with paddle.no_grad():
-        _lerp_each(averaged, alpha)
-        _copy_each(copied)
+        _lerp_each(pairs.averaged, alpha)
+        _copy_each(pairs.copied)
     return swa_model
 
 
@@ -127,30 +131,21 @@ def _lerp_each(pairs, alpha):
             weight = paddle.full([], alpha, dtype="float32")
         target.reshape([-1]).lerp_(_as_float32(new).reshape([-1]), weight)
         if target is not avg:
-            paddle.assign(target.astype(avg.dtype), output=avg)
+            _assign(avg, target)
 
 
 def _copy_each(pairs):
     for avg, new in pairs:
-        paddle.assign(new.astype(avg.dtype) if new.dtype != avg.dtype else new, output=avg)
+        _assign(avg, new)
 
 
 class _Pairs:
-    """The (average, model) tensor pairs of two models, matched by name, and a signature that
-    tells cheaply whether they still hold (same tensor objects, in the same places, with the
-    same storage and dtypes).
-
-    A model whose tensors changed (a replaced layer, a dtype change, a device move) is paired
-    again by name; one that no longer fits the average (other names or shapes, another
-    device) is refused with a ValueError naming the tensor.
-    """
+    """The (average, model) tensor pairs of two models, matched by name: `averaged` and
+    `copied` (integer tensors, and statistics left out of the average). A model that does not
+    fit the average (other names or shapes, another device) is refused with a ValueError
+    naming the tensor."""
 
     def __init__(self, average, model, average_statistics):
-        # The signature reads the layers' tensor tables directly, which is 2-3x faster than
-        # named_parameters() (no names built); used only where it finds the same tensors.
-        self.direct = all([id(t) for _, t in _named_tensors(m)] == [id(t) for t in _tensors(m)]
-                          for m in (average, model))
-        self.signature = self._signature(average, model)
         targets = dict(_named_tensors(average))
         self.averaged, self.copied = [], []
         for name, new in _named_tensors(model):
@@ -176,19 +171,6 @@ class _Pairs:
             raise ValueError(f"the average has {next(iter(targets))}, which the model has not: "
                              "the architecture changed since the average was made; make a new one")
 
-    def split(self):
-        return self.averaged, self.copied
-
-    def still_hold(self, average, model):
-        return self._signature(average, model) == self.signature
-
-    def _signature(self, average, model):
-        parts = []
-        for m in (average, model):
-            tensors = _tensors(m) if self.direct else [t for _, t in _named_tensors(m)]
-            parts += [list(map(id, tensors)), [t.data_ptr() for t in tensors],
-                      [t.dtype for t in tensors]]
-        return parts
 
 
 def _tensors(model):
@@ -253,11 +235,19 @@ def _check_fused_lerp(place):
 
 class _Averager:
     """Applies avg <- avg + alpha * (model - avg) to the pairs of one (average, model) binding:
-    one fused kernel call when it is known to be exact here, else tensor by tensor."""
+    one fused kernel call when it is known to be exact here, else tensor by tensor. Its
+    signature tells cheaply whether the binding still holds (the same tensor objects, in the
+    same places, with the same storage and dtypes); if not, the model is paired again, so a
+    replaced layer, a dtype change or a device move is followed or refused."""
 
-    def __init__(self, pairs, keep_scratch):
-        self.pairs = pairs
-        self.averaged, self.copied = pairs.split()
+    def __init__(self, average, model, average_statistics, keep_scratch):
+        pairs = _Pairs(average, model, average_statistics)
+        self.averaged, self.copied = pairs.averaged, pairs.copied
+        # The signature reads the layers' tensor tables directly, which is 2-3x faster than
+        # named_parameters() (no names built); used only where it finds the same tensors.
+        self.direct = all([id(t) for _, t in _named_tensors(m)] == [id(t) for t in _tensors(m)]
+                          for m in (average, model))
+        self.signature = self._signature(average, model)
         self.keep_scratch = keep_scratch  # per-step EMA: allocate the scratch once
         self.scratch = None
         self.averages = [avg for avg, _ in self.averaged]
@@ -267,6 +257,17 @@ class _Averager:
         self.fused = bool(self.averaged) and all(
             avg.dtype == paddle.float32 for avg, _ in self.averaged) and len(places) == 1 \
             and _fused_lerp_works(self.averaged[0][0].place)
+
+    def _signature(self, average, model):
+        parts = []
+        for m in (average, model):
+            tensors = _tensors(m) if self.direct else [t for _, t in _named_tensors(m)]
+            parts += [list(map(id, tensors)), [t.data_ptr() for t in tensors],
+                      [t.dtype for t in tensors]]
+        return parts
+
+    def still_holds(self, average, model):
+        return self._signature(average, model) == self.signature
 
     def copy(self):
         _copy_each(self.averaged + self.copied)
@@ -340,8 +341,8 @@ class SWA:
 
     def update(self, model):
         """Add `model` to the average (see the class). Returns the number of updates so far."""
-        if self._averager is None or not self._averager.pairs.still_hold(self.model, model):
-            self._averager = _Averager(_Pairs(self.model, model, self.average_statistics),
+        if self._averager is None or not self._averager.still_holds(self.model, model):
+            self._averager = _Averager(self.model, model, self.average_statistics,
                                        keep_scratch=self.ema_decay is not None)
         with paddle.no_grad():
             if self.n == 0:
@@ -418,16 +419,16 @@ class SWAG(SWA):
         self.max_rank = int(max_rank)
         self.names = [name for name, p in _unwrap(model).named_parameters()
                       if p.is_floating_point() and not _is_statistic(p)]
-        size = sum(int(np.prod(self._tensors(self.model)[name].shape)) for name in self.names)
+        size = sum(int(np.prod(self._parameters_of(self.model)[name].shape)) for name in self.names)
         self.var_sum = paddle.zeros([size], dtype="float32")   # sum of (theta - mean)^2 terms
         self.deviations = []                                   # newest last, at most max_rank
 
-    def _tensors(self, model):
+    def _parameters_of(self, model):
         return dict(_unwrap(model).named_parameters())
 
     def flat(self, model):
         """The sampled parameters of `model` as one float32 vector (a copy)."""
-        tensors = self._tensors(model)
+        tensors = self._parameters_of(model)
         return paddle.concat([_as_float32(tensors[name]).reshape([-1]) for name in self.names])
 
     def update(self, model):
@@ -484,13 +485,12 @@ class SWAG(SWA):
             sample = _float32_copy(self.model) if out is None else out
             if out is not None:
                 _load_state(out, self.model.state_dict(), "the SWAG mean")
-            tensors = self._tensors(sample)
+            tensors = self._parameters_of(sample)
             start = 0
             for name in self.names:
                 target = tensors[name]
                 size = int(np.prod(target.shape))
-                paddle.assign(theta[start:start + size].reshape(target.shape).astype(target.dtype),
-                              output=target)
+                _assign(target, theta[start:start + size].reshape(target.shape))
                 start += size
         return sample
 
@@ -528,6 +528,11 @@ def _batch_norm_layers(model):
             if not getattr(layer, "_use_global_stats", False):
                 layers.append(layer)
     return layers
+
+
+def _batch_norm_statistics(layers):
+    """The running mean and variance tensors of BatchNorm `layers`, in order."""
+    return [t for layer in layers for t in (layer._mean, layer._variance)]
 
 
 def _batch_input(batch):
@@ -615,7 +620,7 @@ def bn_update(loader, model, distributed=False):
     layers = _batch_norm_layers(model)
     if not layers:
         return 0
-    stats = [t for layer in layers for t in (layer._mean, layer._variance)]
+    stats = _batch_norm_statistics(layers)
     saved_stats = [t.clone() for t in stats]
     saved_momenta = [layer._momentum for layer in layers]
     saved_modes = [(layer, layer.training) for layer in _unwrap(model).sublayers(include_self=True)]
@@ -678,7 +683,6 @@ def _all_reduce_statistics(stats, seen, failed):
             start = 0
             for t in stats:
                 size = int(np.prod(t.shape))
-                paddle.assign((flat[start:start + size] / total).reshape(t.shape).astype(t.dtype),
-                              output=t)
+                _assign(t, (flat[start:start + size] / total).reshape(t.shape))
                 start += size
     return total, failures > int(failed)
