@@ -102,6 +102,27 @@ def write_mnist(folder, train=40, test=20, seed=0):
     return arrays
 
 
+def checkpoint_tensors(path):
+    """Every tensor of a checkpoint as numpy: SGD weights, the average, SWAG's statistics."""
+    import checkpoints
+
+    ckpt = checkpoints.load_checkpoint(str(path))
+    tensors = {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
+               for key, value in ckpt[part].items()}
+    if ckpt.get("swag_var_sum") is not None:
+        tensors["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
+        tensors.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
+    return tensors
+
+
+def metrics_rows(run_dir):
+    """metrics.csv's rows, every column but the timings."""
+    import report
+
+    return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
+            for row in report.read_metrics(str(run_dir))]
+
+
 def snapshot_dir(path):
     """{relative file name: bytes} of everything in `path` but the lock file (which a refused
     command may leave), to show nothing was changed."""

@@ -10,7 +10,7 @@ import pytest
 
 import checkpoints
 import report
-from helpers import finish, free_port, launch, run_script, start
+from helpers import checkpoint_tensors, finish, free_port, launch, metrics_rows, run_script, start
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",
        "--swa_lr", "0.05", "--eval_freq", "2", "--swag", "--swag_rank", "2"]
@@ -89,20 +89,6 @@ def test_two_nodes_on_one_machine_with_the_launch_script(tmp_path):
 
 # --------------------------------------------------------------------------- faults
 
-def _final(run_dir):
-    ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
-    final = {f"{part}/{k}": v.numpy() for part in ("state_dict", "swa_state_dict")
-             for k, v in ckpt[part].items()}
-    final["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
-    final.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
-    return final
-
-
-def _rows(run_dir):
-    return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
-            for row in report.read_metrics(str(run_dir))]
-
-
 def _faulty(fault, n, ranks, run_dir, logs, extra=()):
     """A 2-process run of RUN with a fault; returns (launcher's exit code, seconds from the
     first SIGTERM to the end, rank 0's log)."""
@@ -138,10 +124,12 @@ def test_sigterm_ends_the_whole_job_in_seconds_and_it_resumes_bit_identically(
                     env={"LAUNCH_LOG_DIR": str(tmp_path / "logs2")})
     output, = finish([resumed])
     assert "resuming from" in output
-    expected = _final(base / "run")
-    for key, value in _final(run_dir).items():
+    expected = checkpoint_tensors(base / "run" / "checkpoint-4.pdparams")
+    resumed_tensors = checkpoint_tensors(run_dir / "checkpoint-4.pdparams")
+    assert "swag/deviation1" in resumed_tensors and resumed_tensors.keys() == expected.keys()
+    for key, value in resumed_tensors.items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
-    assert _rows(run_dir) == _rows(base / "run")
+    assert metrics_rows(run_dir) == metrics_rows(base / "run")
 
 
 def test_a_nan_on_one_rank_ends_every_rank(tmp_path):

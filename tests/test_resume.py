@@ -5,29 +5,15 @@ import numpy as np
 import pytest
 
 import checkpoints
-import report
 import train
-from helpers import run_main, run_script
+from helpers import checkpoint_tensors, metrics_rows, run_main, run_script
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "6", "--swa", "--swa_start", "3",
        "--swa_lr", "0.05", "--save_freq", "1", "--eval_freq", "2"]
 
 
 def _weights(run_dir, epoch=6):
-    """Every tensor of the final checkpoint: SGD weights, average, SWAG statistics."""
-    ckpt = checkpoints.load_checkpoint(str(run_dir / f"checkpoint-{epoch}.pdparams"))
-    weights = {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
-               for key, value in ckpt[part].items()}
-    if ckpt.get("swag_var_sum") is not None:
-        weights["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
-        weights.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
-    return weights
-
-
-def _metrics(run_dir):
-    # Every column but the timings.
-    return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
-            for row in report.read_metrics(str(run_dir))]
+    return checkpoint_tensors(run_dir / f"checkpoint-{epoch}.pdparams")
 
 
 def _assert_identical(a, b):
@@ -93,7 +79,7 @@ def test_interrupted_run_resumes_bit_identically(finished, tmp_path, point, nth,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     _assert_identical(_weights(uninterrupted), _weights(run_dir))
-    assert _metrics(run_dir) == _metrics(uninterrupted)
+    assert metrics_rows(run_dir) == metrics_rows(uninterrupted)
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
 
 
