@@ -11,8 +11,8 @@ import os
 
 import paddle
 
-import checkpoints
-import schedules
+from harness import checkpoints
+from harness import schedules
 import utils
 
 
@@ -111,7 +111,8 @@ class SWACallback(paddle.callbacks.Callback):
         def load_with_swa(path, *args, **kwargs):
             result = load(path, *args, **kwargs)
             state_path = path + ".swa"
-            self._pending = paddle.load(state_path) if os.path.isfile(state_path) else None
+            self._pending = (checkpoints.read_file(state_path, "SWA state")
+                             if os.path.isfile(state_path) else None)
             return result
 
         save_with_swa._swa_callback = load_with_swa._swa_callback = self
@@ -128,7 +129,7 @@ class SWACallback(paddle.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         network, optimizer = self.model.network, self.model._optimizer
-        if self.bn_data is None and utils._batch_norm_layers(network):
+        if self.bn_data is None and utils.batch_norm_layers(network):
             raise ValueError("SWACallback needs bn_data (the training data) to recompute the "
                              "average's BatchNorm statistics, or bn_data=False to skip that")
         if self.swa_lr is not None and not isinstance(optimizer._learning_rate, numbers.Real):
@@ -192,10 +193,10 @@ class SWACallback(paddle.callbacks.Callback):
             return
         network = self.model.network
         self.sgd_state = {k: v.clone() for k, v in network.state_dict().items()}
-        if self.bn_data is not False and utils._batch_norm_layers(network):
+        if self.bn_data is not False and utils.batch_norm_layers(network):
             distributed = paddle.distributed.get_world_size() > 1
             self.swa.bn_update(self._bn_batches(distributed), distributed=distributed)
-        utils._load_state(network, self.swa.model.state_dict(), "the average")
+        utils.load_state_dict(network, self.swa.model.state_dict(), "the average")
 
     # ----------------------------------------------------------------- rates
 
@@ -246,7 +247,7 @@ class SWACallback(paddle.callbacks.Callback):
         """Put the last SGD weights back into the network (after fit ended)."""
         if self.sgd_state is None:
             raise ValueError("no SGD weights to restore: fit has not ended with an average")
-        utils._load_state(self.model.network, self.sgd_state, "the SGD weights")
+        utils.load_state_dict(self.model.network, self.sgd_state, "the SGD weights")
 
 
 def _current_rates(optimizer):

@@ -15,13 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402  (first: sets the math library's path, quiets Paddle's warnings)
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
-import data as datasets  # noqa: E402
-import eval as evaluation  # noqa: E402
-import rundir  # noqa: E402
+import harness  # noqa: E402
+
+harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import utils  # noqa: E402
+from harness import checkpoints, cli, errors, rundir  # noqa: E402
+from harness import evaluation as scoring  # noqa: E402
 
 
 def build_parser():
@@ -43,15 +42,15 @@ def check_out(args):
     out = os.path.abspath(args.out)
     folder = os.path.dirname(out)
     if out in {os.path.abspath(c) for c in args.checkpoints}:
-        raise cli.UsageError(f"--out {args.out} is one of the inputs; write the average elsewhere")
+        raise errors.UsageError(f"--out {args.out} is one of the inputs; write the average elsewhere")
     if os.path.isdir(out):
-        raise cli.UsageError(f"--out {args.out} is a folder; give a file name, e.g. "
-                             f"{os.path.join(args.out, 'averaged.pdparams')}")
+        raise errors.UsageError(f"--out {args.out} is a folder; give a file name, e.g. "
+                                f"{os.path.join(args.out, 'averaged.pdparams')}")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise cli.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
-                             "writable; create it or choose another --out")
+        raise errors.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
+                                "writable; create it or choose another --out")
     if os.path.exists(out) and not args.overwrite:
-        raise cli.UsageError(f"--out {args.out} exists; choose another path or pass --overwrite")
+        raise errors.UsageError(f"--out {args.out} exists; choose another path or pass --overwrite")
     is_run_dir = rundir.previous_run_files(folder) or os.path.exists(os.path.join(folder, rundir.LOCK))
     return rundir.acquire_lock(folder) if is_run_dir else None
 
@@ -67,33 +66,29 @@ def average(args):
 
 def _average(args):
     first = checkpoints.load_checkpoint(args.checkpoints[0])
-    model, ds, model_name = evaluation.model_for(first, args.checkpoints[0], args.model,
-                                                 args.dataset, args.data_path, args.device,
-                                                 args.threads)
-    batch_size = args.batch_size or 128
-    swa = utils.SWA(model)
+    trained = checkpoints.rebuild(first, args.checkpoints[0], args.model, args.dataset,
+                                  args.data_path, args.batch_size, args.device, args.threads)
+    swa = utils.SWA(trained.model)
     epochs = []
     for path in args.checkpoints:
         ckpt = first if path == args.checkpoints[0] else checkpoints.load_checkpoint(path)
         try:
-            checkpoints.load_weights(model, ckpt["state_dict"], source=path)
+            utils.load_state_dict(trained.model, ckpt["state_dict"], source=path)
         except ValueError as e:
-            raise checkpoints.CheckpointError(f"{e}: all checkpoints must hold the same "
-                                              "architecture") from None
-        swa.update(model)
+            raise errors.CheckpointError(f"{e}: all checkpoints must hold the same "
+                                         "architecture") from None
+        swa.update(trained.model)
         epochs.append(int(ckpt["epoch"]))
+    trained.epoch = max(epochs)  # the refresh eval.py would draw for the output checkpoint
     if args.bn_update:
-        swa.bn_update(datasets.Batches(ds.train, batch_size, ds.mean, ds.std, shuffle=True,
-                                       augment=ds.augment, seed=1)(epoch=0, stream=1))
-    scores = evaluation.test_scores(swa.model, ds, batch_size)
-    checkpoints.atomic_save(dict(
-        format=checkpoints.CHECKPOINT_FORMAT, epoch=max(epochs), step=0,
-        state_dict=swa.model.state_dict(), optimizer={}, **swa.state_dict(),
-        args=first.get("args"), model_name=model_name, dataset=ds.name,
-        num_classes=ds.num_classes, in_channels=ds.image_shape[0],
-        normalization=first.get("normalization"),
-        averaged_from=[os.path.abspath(c) for c in args.checkpoints]), args.out)
-    return swa, epochs, scores, ds
+        swa.bn_update(trained.refresh_batches())
+    scores = scoring.test_scores(swa.model, trained.ds, trained.batch_size)
+    checkpoints.write_checkpoint(
+        args.out, max(epochs), state_dict=swa.model.state_dict(), optimizer={},
+        **swa.state_dict(), args=first.get("args"),
+        **checkpoints.setting_of(trained.model_name, trained.ds),
+        averaged_from=[os.path.abspath(c) for c in args.checkpoints])
+    return swa, epochs, scores, trained.ds
 
 
 def run(argv):
@@ -102,7 +97,7 @@ def run(argv):
     statistics = "recomputed" if swa.bn_updated else "averaged (use --bn_update to recompute)"
     print(f"averaged {swa.n} checkpoints (epochs {', '.join(map(str, epochs))}); BatchNorm "
           f"statistics {statistics}; wrote {args.out}")
-    print(f"{ds.name} test set ({scores['count']} images): {evaluation.format_scores(scores)}")
+    print(f"{ds.name} test set ({scores['count']} images): {scoring.format_scores(scores)}")
     return 0
 
 

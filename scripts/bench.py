@@ -29,15 +29,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402  (first: quiets Paddle's import-time warnings)
+import harness  # noqa: E402
+
+harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-import cli  # noqa: E402
-import data  # noqa: E402
-import engine  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
+from harness import cli, data, engine, runtime  # noqa: E402
 
 
 def median_time(fn, repeats, warmup=1):
@@ -69,8 +69,9 @@ def worker_speed(model_name, batch_size, repeats, settings):
     optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
     x, y = synthetic_batch(batch_size)
     batches = [(x, y)]
-    train = median_time(lambda: engine.run_epoch(batches, model, optimizer), repeats)
-    evaluate = median_time(lambda: engine.run_epoch(batches, model), repeats)
+    train = median_time(lambda: engine.train_pass(batches, model, optimizer, lambda step: 0.01,
+                                                  lambda step: step), repeats)
+    evaluate = median_time(lambda: engine.evaluate_pass(batches, model), repeats)
     has_bn = any(isinstance(layer, paddle.nn.layer.norm._BatchNormBase) for layer in model.sublayers())
     refresh = median_time(lambda: utils.bn_update(batches, model), repeats) if has_bn else None
     return {"settings": description, "train": batch_size / train, "eval": batch_size / evaluate,
@@ -78,8 +79,9 @@ def worker_speed(model_name, batch_size, repeats, settings):
 
 
 def worker_run(args_list):
-    """Run train.py in this process; time SWA's own work (averaging, BatchNorm refresh)."""
-    import train
+    """Run train.py (as a program, in this process); time SWA's own work (averaging,
+    BatchNorm refresh)."""
+    import runpy
 
     spent = {"update": 0.0, "bn_update": 0.0}
     for name in spent:
@@ -96,7 +98,12 @@ def worker_run(args_list):
     with open(os.devnull, "w") as sink:
         stdout, sys.stdout = sys.stdout, sink
         try:
-            code = train.main(args_list)
+            sys.argv = [os.path.join(ROOT, "train.py")] + args_list
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code
         finally:
             sys.stdout = stdout
     return {"code": code, "total": time.perf_counter() - start, **spent}

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402
+from harness import cli, errors  # noqa: E402
 
 METRICS = ("accuracy", "nll", "ece")
 LABELS = {"accuracy": "test accuracy (%)", "nll": "test NLL", "ece": "test ECE (%)"}
@@ -61,11 +61,11 @@ def visible_gpus(choice):
     """The GPU ids runs may use ([] for CPU runs); --device gpu without one is an error."""
     if choice == "cpu":
         return []
-    import runtime  # Paddle is imported only here: the CPU path starts fast
+    from harness import runtime  # Paddle is imported only here: the CPU path starts fast
 
     if not runtime.has_gpu():
         if choice == "gpu":
-            raise cli.UsageError("--device gpu: this Paddle has no usable GPU; use --device cpu")
+            raise errors.UsageError("--device gpu: this Paddle has no usable GPU; use --device cpu")
         return []
     import paddle
 
@@ -133,7 +133,7 @@ def run_all(args, extra):
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
                 if done.returncode != 0:
                     message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                    raise cli.RunFailed(f"the {method} run with seed {seed} failed: {message}")
+                    raise errors.RunFailed(f"the {method} run with seed {seed} failed: {message}")
                 printed = parse_scores(done.stdout)
                 scores.update({name: printed[weights] for weights, name in names.items()})
             return job, scores
@@ -183,7 +183,7 @@ def compare(argv):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise cli.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
+        raise errors.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
     os.makedirs(args.out_dir, exist_ok=True)
     results = run_all(args, extra)
     with open(os.path.join(args.out_dir, "compare.csv"), "w", newline="") as f:

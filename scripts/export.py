@@ -18,13 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # only errors are worth a user's eye here (set before Paddle starts its logging).
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-import runtime  # noqa: E402  (first: sets the math library's path, quiets Paddle's warnings)
+import harness  # noqa: E402
+
+harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
-import eval as evaluation  # noqa: E402
+from harness import checkpoints, cli, errors  # noqa: E402
+from harness import evaluation as scoring  # noqa: E402
 
 
 class Normalized(paddle.nn.Layer):
@@ -104,18 +105,18 @@ def build_parser():
 def export(args):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise cli.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
-                             "writable; create it or choose another --out")
+        raise errors.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
+                                "writable; create it or choose another --out")
     outputs = [args.out + ".json", args.out + ".pdiparams"]
     if any(os.path.exists(p) for p in outputs) and not args.overwrite:
-        raise cli.UsageError(f"--out {args.out}: {args.out}.json or .pdiparams exists; choose "
-                             "another prefix or pass --overwrite")
+        raise errors.UsageError(f"--out {args.out}: {args.out}.json or .pdiparams exists; choose "
+                                "another prefix or pass --overwrite")
     ckpt = checkpoints.load_checkpoint(args.model_path)
-    model, ds, _ = evaluation.model_for(ckpt, args.model_path, args.model, args.dataset,
-                                        args.data_path, args.device, args.threads)
+    trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
+                                  args.data_path, args.batch_size, args.device, args.threads)
+    model, ds = trained.model, trained.ds
     weights = "SGD" if args.sgd or not ckpt.get("swa_n") else "SWA"
-    batch_size = evaluation._setting(args.batch_size, ckpt.get("args"), "batch_size", 128)
-    evaluation.evaluate_weights(ckpt, args, model, ds, weights, batch_size)  # loads, refreshes
+    scoring.evaluate_weights(trained, ckpt, weights, args.model_path)  # loads, refreshes if stale
     network = Normalized(model, ds.mean, ds.std)
     network.eval()
     x = ds.test.images[:min(len(ds.test), 64)].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -130,8 +131,8 @@ def export(args):
         exported = predictor_logits(staging, x)
         worst = float(np.abs(exported - dynamic).max())
         if not np.allclose(exported, dynamic, rtol=1e-4, atol=1e-4):
-            raise cli.RunFailed(f"Paddle Inference's logits differ from the dynamic model's by up "
-                                f"to {worst:.3g}; nothing was written")
+            raise errors.RunFailed(f"Paddle Inference's logits differ from the dynamic model's by up "
+                                   f"to {worst:.3g}; nothing was written")
         for path in outputs:
             os.replace(staging + path[len(args.out):], path)
     finally:

@@ -20,17 +20,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402  (first: sets the math library's path, quiets Paddle's warnings)
+import harness  # noqa: E402
+
+harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
-import data as datasets  # noqa: E402
-import engine  # noqa: E402
-import eval as evaluation  # noqa: E402
-import report  # noqa: E402
 import utils  # noqa: E402
+from harness import checkpoints, cli, engine, errors, report  # noqa: E402
+from harness import data as datasets  # noqa: E402
 
 COLUMNS = ["kind", "start", "direction", "t", "distance", "train_loss", "train_error",
            "test_loss", "test_error"]
@@ -91,17 +89,14 @@ def distance(a, b):
 class Probe:
     """Loss and error of the model at given weights, BatchNorm refreshed at each point."""
 
-    def __init__(self, model, ds, ckpt, batch_size, bn_batches):
-        self.model, self.ds, self.batch_size, self.bn_batches = model, ds, batch_size, bn_batches
-        self.params = dict(trainable(model))
-        self.has_bn = bool(utils._batch_norm_layers(model))
-        self.seed = (ckpt.get("args") or {}).get("seed", 1)
-        self.epoch = evaluation.refresh_epoch(ckpt)
+    def __init__(self, trained, bn_batches):
+        self.trained, self.bn_batches = trained, bn_batches
+        self.model, self.ds, self.batch_size = trained.model, trained.ds, trained.batch_size
+        self.params = dict(trainable(self.model))
+        self.has_bn = bool(utils.batch_norm_layers(self.model))
 
     def refresh(self):
-        batches = datasets.Batches(self.ds.train, self.batch_size, self.ds.mean, self.ds.std,
-                                   shuffle=True, augment=self.ds.augment, seed=self.seed)
-        plan = batches(self.epoch, stream=1)
+        plan = self.trained.refresh_batches()
         if self.bn_batches:
             plan = (b for b, _ in zip(plan, range(self.bn_batches)))
         return utils.bn_update(plan, self.model)
@@ -114,8 +109,8 @@ class Probe:
             self.refresh()
         result = {}
         for split, data in (("train", self.ds.train), ("test", self.ds.test)):
-            r = engine.run_epoch(datasets.Batches(data, self.batch_size, self.ds.mean, self.ds.std)(),
-                                 self.model)
+            r = engine.evaluate_pass(datasets.Batches(data, self.batch_size, self.ds.mean,
+                                                      self.ds.std)(), self.model)
             result.update({f"{split}_loss": r["loss"], f"{split}_error": 100.0 - r["accuracy"]})
         return result
 
@@ -187,19 +182,19 @@ def plot(rows, gap, out):
 
 def flatness(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise cli.UsageError(f"--out {args.out} is a file; give a folder")
+        raise errors.UsageError(f"--out {args.out} is a file; give a folder")
     ckpt = checkpoints.load_checkpoint(args.model_path)
     if not ckpt.get("swa_n") or ckpt.get("swa_state_dict") is None:
-        raise cli.UsageError(f"{args.model_path} holds no SWA average; give a checkpoint of a run "
-                             "with --swa, from an averaged epoch")
-    model, ds, name = evaluation.model_for(ckpt, args.model_path, args.model, args.dataset,
-                                           args.data_path, args.device, args.threads)
-    batch_size = evaluation._setting(args.batch_size, ckpt.get("args"), "batch_size", 128)
+        raise errors.UsageError(f"{args.model_path} holds no SWA average; give a checkpoint of a run "
+                                "with --swa, from an averaged epoch")
+    trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
+                                  args.data_path, args.batch_size, args.device, args.threads)
+    model, ds, name, batch_size = trained.model, trained.ds, trained.model_name, trained.batch_size
     vectors_of = {}
     for weights, key in (("SWA", "swa_state_dict"), ("SGD", "state_dict")):
         checkpoints.load_weights(model, ckpt[key], source=args.model_path)
         vectors_of[weights] = vectors(model)
-    probe = Probe(model, ds, ckpt, batch_size, args.bn_batches)
+    probe = Probe(trained, args.bn_batches)
     rows, gap = points(args, vectors_of["SWA"], vectors_of["SGD"], probe)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "flatness.csv")

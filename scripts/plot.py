@@ -10,8 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-import report  # noqa: E402
+from harness import cli, report  # noqa: E402
 
 
 def main(argv=None):

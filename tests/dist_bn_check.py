@@ -13,7 +13,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401
+import harness  # noqa: E402
+
+harness.prepare()  # before paddle, as the entry scripts do
 
 import copy  # noqa: E402
 

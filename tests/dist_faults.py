@@ -17,13 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import runtime  # noqa: E402,F401  (before paddle, as the entry scripts do)
+import harness  # noqa: E402
+
+harness.prepare()  # before paddle, as the entry scripts do
 
 import paddle  # noqa: E402
 
-import data  # noqa: E402
-import engine  # noqa: E402
+from harness import data  # noqa: E402
+from harness import engine  # noqa: E402
 import train  # noqa: E402
+from harness import training  # noqa: E402
 
 fault, target, ranks = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.argv = ["train.py"] + sys.argv[4:]
@@ -54,14 +57,14 @@ if fault == "term-step":
 
     data.Batches.assemble = counted_assemble
 elif fault == "term-epoch":
-    record = train.Run.record
+    record = training.Run.record
 
     def counted_record(self, row):
         record(self, row)
         if count():
             terminate()
 
-    train.Run.record = counted_record
+    training.Run.record = counted_record
 elif fault == "nan-step":
     cross_entropy = engine.F.cross_entropy
 

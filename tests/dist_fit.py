@@ -11,13 +11,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401
+import harness  # noqa: E402
+
+harness.prepare()  # before paddle, as the entry scripts do
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import callbacks  # noqa: E402
-import data  # noqa: E402
+from harness import data  # noqa: E402
 import models  # noqa: E402
 
 

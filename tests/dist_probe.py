@@ -12,15 +12,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401
+import harness  # noqa: E402
+
+harness.prepare()  # before paddle, as the entry scripts do
 
 import numpy as np  # noqa: E402
 
-import checkpoints  # noqa: E402
-import engine  # noqa: E402
-import report  # noqa: E402
-import rundir  # noqa: E402
+from harness import checkpoints  # noqa: E402
+from harness import engine  # noqa: E402
+from harness import report  # noqa: E402
+from harness import rundir  # noqa: E402
 import train  # noqa: E402
+from harness import training  # noqa: E402
 import utils  # noqa: E402
 
 probe_dir = sys.argv[1]
@@ -29,8 +32,8 @@ rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
 record = {"saves": 0, "record_run": 0, "metrics_files": 0, "test_counts": []}
 captured = {}
 
-real_save, real_record, real_setup = checkpoints.save_checkpoint, rundir.record_run, train.setup
-real_metrics_init, real_run_epoch = report.MetricsFile.__init__, engine.run_epoch
+real_save, real_record, real_setup = checkpoints.save_checkpoint, rundir.record_run, training.setup
+real_metrics_init, real_evaluate = report.MetricsFile.__init__, engine.evaluate_pass
 
 
 def counting_save(*args, **kwargs):
@@ -54,15 +57,14 @@ def capturing_setup(*args):
     return run, start
 
 
-def counting_run_epoch(batches, model, optimizer=None, **kwargs):
-    result = real_run_epoch(batches, model, optimizer, **kwargs)
-    if optimizer is None:
-        record["test_counts"].append(result["count"])
+def counting_evaluate(batches, model, **kwargs):
+    result = real_evaluate(batches, model, **kwargs)
+    record["test_counts"].append(result["count"])
     return result
 
 
-checkpoints.save_checkpoint, rundir.record_run, train.setup = counting_save, counting_record, capturing_setup
-report.MetricsFile.__init__, engine.run_epoch = counting_metrics, counting_run_epoch
+checkpoints.save_checkpoint, rundir.record_run, training.setup = counting_save, counting_record, capturing_setup
+report.MetricsFile.__init__, engine.evaluate_pass = counting_metrics, counting_evaluate
 code = train.main()
 run = captured["run"]
 state = {f"sgd/{k}": v.numpy() for k, v in run.model.state_dict().items()}

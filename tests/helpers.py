@@ -104,7 +104,7 @@ def write_mnist(folder, train=40, test=20, seed=0):
 
 def checkpoint_tensors(path):
     """Every tensor of a checkpoint as numpy: SGD weights, the average, SWAG's statistics."""
-    import checkpoints
+    from harness import checkpoints
 
     ckpt = checkpoints.load_checkpoint(str(path))
     tensors = {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
@@ -117,7 +117,7 @@ def checkpoint_tensors(path):
 
 def metrics_rows(run_dir):
     """metrics.csv's rows, every column but the timings."""
-    import report
+    from harness import report
 
     return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
             for row in report.read_metrics(str(run_dir))]

@@ -13,10 +13,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401  (before paddle, as the entry scripts do)
+import harness  # noqa: E402
+
+harness.prepare()  # before paddle, as the entry scripts do
 import paddle  # noqa: E402
 
-import data  # noqa: E402
+from harness import data  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 

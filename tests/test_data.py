@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-import data
+from harness import errors
+
+from harness import data
 from helpers import write_cifar10, write_cifar100, write_mnist
 
 
@@ -55,18 +57,18 @@ def test_digits_is_embedded_with_a_fixed_split():
     ("ImageNet", "choose one of"),
 ])
 def test_missing_or_unknown_dataset_is_named(tmp_path, name, message):
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         data.load_dataset(name, str(tmp_path), download=False)
 
 
 def test_corrupt_files_are_named(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball")
-    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz is unreadable"):
+    with pytest.raises(errors.DataError, match="cifar-10-python.tar.gz is unreadable"):
         data.load_dataset("CIFAR10", str(tmp_path), download=False)
     write_mnist(str(tmp_path))
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(data.DataError, match="MNIST"):
+    with pytest.raises(errors.DataError, match="MNIST"):
         data.load_dataset("MNIST", str(tmp_path), download=False)
 
 

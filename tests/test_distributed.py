@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
-import report
+from harness import checkpoints
+from harness import report
 from helpers import checkpoint_tensors, finish, free_port, launch, metrics_rows, run_script, start
 
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",

@@ -6,8 +6,8 @@ import numpy as np
 import paddle
 import pytest
 
-import checkpoints
-import data
+from harness import checkpoints
+from harness import data
 import eval as evaluation
 import models
 import train

@@ -7,11 +7,11 @@ import numpy as np
 import paddle
 import pytest
 
-import checkpoints
-import data
+from harness import checkpoints
+from harness import data
 import models
-import report
-import schedules
+from harness import report
+from harness import schedules
 import eval as evaluation
 import train
 from helpers import one_line_error, run_main, run_script, script
@@ -134,6 +134,10 @@ def test_average_checkpoints_is_their_mean_and_evaluates(saved_run, tmp_path):
     again = run_main(evaluation.main, "--model_path", tmp_path / "avg_bn.pdparams")
     assert float(re.search(r"accuracy ([\d.]+)%", again.stdout)[1]) == \
         pytest.approx(float(re.search(r"accuracy ([\d.]+)%", refreshed.stdout)[1]), abs=1e-4)
+    # its refresh is the one eval.py makes of the plain average (the run's batch size, seed
+    # and last epoch's refresh batches): the same scores to the last digit printed
+    scores = lambda out: re.search(r"accuracy ([\d.]+)%\s+NLL ([\d.]+)", out).groups()  # noqa: E731
+    assert scores(refreshed.stdout) == scores(evaluated.stdout)
 
 
 def test_average_checkpoints_refuses_mixed_architectures_and_overwrites(saved_run, tmp_path):

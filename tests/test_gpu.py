@@ -6,8 +6,8 @@ import paddle
 import pytest
 
 import callbacks
-import checkpoints
-import data
+from harness import checkpoints
+from harness import data
 import eval as evaluation
 import models
 import train

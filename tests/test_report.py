@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import report
+from harness import report
 from helpers import ROOT, run_script
 
 
@@ -98,8 +98,9 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     work = tmp_path / "repo"
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__",
-                                                              "launch_logs", "log"))
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "runs", "out", "ckpt", "exported", "__pycache__", "launch_logs",
+        "log"))
     notebook = nbformat.read(str(work / "swa_quickstart.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(work)}}).execute()

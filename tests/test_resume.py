@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-import checkpoints
+from harness import checkpoints
 import train
 from helpers import checkpoint_tensors, metrics_rows, run_main, run_script
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
+from harness import checkpoints
 import eval as evaluation
 import train
 from helpers import (ROOT, one_line_error, run_main, run_script, script, snapshot_dir, start,
@@ -249,3 +249,44 @@ def test_the_visualdl_command_is_shell_quoted(tmp_path):
     result = run_main(train.main, *[f for f in RUN if f != "--no_visualdl"], "--epochs", "1",
                       "--swa_start", "1", "--dir", run_dir)
     assert f"visualdl --logdir '{run_dir / 'vdl'}'" in result.stdout
+
+
+SHORT = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "2", "--swa", "--swa_start", "2",
+         "--no_visualdl"]
+
+
+def test_the_lock_is_held_all_run_also_when_main_is_called_inside_an_except_block(tmp_path, monkeypatch):
+    from harness import errors, rundir, training
+
+    run_dir, refused = tmp_path / "run", []
+    record = training.Run.record
+
+    def record_and_try_the_lock(self, row):
+        record(self, row)
+        try:  # a second open file of the lock: refused while the run holds it
+            rundir.acquire_lock(str(run_dir)).close()
+        except errors.UsageError:
+            refused.append(row["ep"])
+
+    monkeypatch.setattr(training.Run, "record", record_and_try_the_lock)
+    try:
+        raise KeyError("a caller's own exception, being handled")
+    except KeyError:
+        assert run_main(train.main, *SHORT, "--dir", run_dir).returncode == 0
+    assert refused == [1, 2]
+
+
+def test_a_start_clears_only_its_own_temporary_files_and_writes_json_to_disk(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.tmp").write_text("a user's file")
+    (run_dir / "metrics.csv.4242.0badc0de.tmp").write_text("left by a killed write")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    assert run_main(train.main, *SHORT, "--dir", run_dir).returncode == 0
+    assert (run_dir / "notes.tmp").read_text() == "a user's file"
+    assert not (run_dir / "metrics.csv.4242.0badc0de.tmp").exists()
+    assert any(".".join(os.path.basename(p).split(".")[:2]) == "run.json" for p in synced)
+    assert any(".".join(os.path.basename(p).split(".")[:2]) == "args.json" for p in synced)

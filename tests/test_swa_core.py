@@ -5,8 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-import checkpoints
-import engine
+from harness import checkpoints, engine, errors
 import models
 import utils
 
@@ -172,7 +171,7 @@ def test_fused_path_equals_plain_path(monkeypatch, dtype):
         for _ in range(3):
             _randomise(model, rng)
             swa.update(model)
-        assert swa._averager.fused is fused
+        assert (swa.pairs_with(model).fast is not None) is fused
         return _snapshot(swa.model)
 
     fused, plain = averaged(True), averaged(False)
@@ -191,27 +190,39 @@ def test_a_fused_kernel_that_disagrees_is_not_used(monkeypatch):
     model = models.build("SimpleCNN", num_classes=3)
     swa = utils.SWA(model)
     snapshots = _feed(swa, model, rng, 3)
-    assert not swa._averager.fused
+    assert swa.pairs_with(model).fast is None
     _assert_mean(swa, snapshots)
 
 
-def test_a_fused_kernel_that_raises_falls_back_to_the_plain_path(monkeypatch):
-    def rejects(*args):
-        raise TypeError("merged_momentum_(): signature changed")
+def test_a_kernel_failing_mid_update_is_raised_not_covered_by_the_plain_path(monkeypatch):
+    """A kernel that fails after writing part of the average must not be followed by the
+    plain update on top of it (that would give the written tensors two updates)."""
+    def writes_one_then_fails(averages, models_, scratch, alpha):
+        averages[0].add_(paddle.ones_like(averages[0]))
+        raise RuntimeError("kernel failed")
 
     rng = np.random.default_rng(8)
-    model = models.build("PreResNet110", num_classes=3)
+    model = models.build("SimpleCNN", num_classes=3)
     swa = utils.SWA(model)
-    snapshots = []
+    _feed(swa, model, rng, 1)
+    monkeypatch.setattr(utils, "_fused_lerp", writes_one_then_fails)
     _randomise(model, rng)
-    snapshots.append(_snapshot(model))
-    swa.update(model)
-    monkeypatch.setattr(utils, "_fused_lerp", rejects)
-    for _ in range(2):
-        _randomise(model, rng)
-        snapshots.append(_snapshot(model))
+    assert swa.pairs_with(model).fast is not None  # the fast path is in use here
+    with pytest.raises(RuntimeError, match="partly updated"):
         swa.update(model)
-    assert not swa._averager.fused
+    assert swa.n == 1
+
+
+def test_scratch_that_cannot_be_had_falls_back_to_the_exact_plain_path(monkeypatch):
+    def no_memory(averages):
+        raise MemoryError("no scratch")
+
+    rng = np.random.default_rng(8)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model)
+    snapshots = _feed(swa, model, rng, 1)
+    monkeypatch.setattr(utils, "_zero_scratch", no_memory)
+    snapshots += _feed(swa, model, rng, 2)
     _assert_mean(swa, snapshots)
 
 
@@ -230,6 +241,18 @@ def test_statistics_left_out_of_the_average_are_the_models_latest():
     np.testing.assert_array_equal(averaged["features.1._mean"], snapshots[-1]["features.1._mean"])
     np.testing.assert_allclose(averaged["fc.weight"], np.mean([s["fc.weight"] for s in snapshots], 0),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_weight_is_averaged_as_a_weight_not_copied_as_a_statistic():
+    rng = np.random.default_rng(9)
+    model = models.build("SimpleCNN", num_classes=3)
+    model.fc.weight.trainable = False  # frozen (fine-tuning), but still a weight
+    swa = utils.SWA(model, average_statistics=False)
+    snapshots = _feed(swa, model, rng, 3)
+    np.testing.assert_allclose(_snapshot(swa.model)["fc.weight"],
+                               np.mean([s["fc.weight"] for s in snapshots], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_snapshot(swa.model)["features.1._mean"],
+                                  snapshots[-1]["features.1._mean"])
 
 
 # --------------------------------------------------------------------------- EMA
@@ -253,7 +276,7 @@ def test_ema_follows_the_numpy_recurrence_and_copies_first():
 
 def test_ema_resumed_from_its_state_is_bit_identical(tmp_path):
     rng = np.random.default_rng(11)
-    model = models.build("PreResNet110", num_classes=3)
+    model = models.build("SimpleCNN", num_classes=3)
     weights = []
     for _ in range(5):
         _randomise(model, rng)
@@ -268,7 +291,7 @@ def test_ema_resumed_from_its_state_is_bit_identical(tmp_path):
         first.update(model)
     path = checkpoints.save_checkpoint(str(tmp_path), 2, state_dict=model.state_dict(), optimizer={},
                                        **first.state_dict())
-    resumed = utils.SWA(models.build("PreResNet110", num_classes=3), ema_decay=0.8)
+    resumed = utils.SWA(models.build("SimpleCNN", num_classes=3), ema_decay=0.8)
     resumed.set_state_dict(checkpoints.load_checkpoint(path))
     for w in weights[2:]:
         model.set_state_dict(w)
@@ -421,7 +444,7 @@ def test_checkpoint_round_trip_restores_average_and_count(tmp_path):
     assert path.endswith("checkpoint-7.pdparams")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7.pdparams"]  # no temp left
     ckpt = checkpoints.load_checkpoint(path)
-    for key in checkpoints.CHECKPOINT_KEYS:
+    for key in checkpoints.ORIGINAL_KEYS:
         assert key in ckpt
     restored = utils.SWA(models.build("SimpleCNN", num_classes=3))
     restored.set_state_dict(ckpt)
@@ -440,20 +463,27 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     noise.write_bytes(np.random.default_rng(0).bytes(2000))
     plain = tmp_path / "plain.pdparams"
     paddle.save({"weight": paddle.ones([2])}, str(plain))
-    for bad in (truncated, noise, plain, tmp_path / "missing.pdparams"):
-        with pytest.raises(checkpoints.CheckpointError, match=bad.name):
+    newer = tmp_path / "newer.pdparams"
+    paddle.save({"format": "swa-paddle/99", "epoch": 1, "state_dict": {}}, str(newer))
+    for bad in (truncated, noise, plain, newer, tmp_path / "missing.pdparams"):
+        with pytest.raises(errors.CheckpointError, match=bad.name):
             checkpoints.load_checkpoint(str(bad))
+    with pytest.raises(errors.CheckpointError, match="swa-paddle/99"):
+        checkpoints.load_checkpoint(str(newer))
 
 
 def test_load_weights_refuses_another_architecture():
     with pytest.raises(ValueError, match="does not match"):
+        utils.load_state_dict(models.build("SimpleCNN", num_classes=3),
+                              models.build("SimpleCNN", num_classes=4).state_dict())
+    with pytest.raises(errors.CheckpointError, match="fc.weight has shape"):
         checkpoints.load_weights(models.build("SimpleCNN", num_classes=3),
                                  models.build("SimpleCNN", num_classes=4).state_dict())
 
 
 # --------------------------------------------------------------------------- the training pass
 
-def test_run_epoch_reading_every_few_steps_gives_the_same_sums_and_catches_nan():
+def test_train_pass_reading_every_few_steps_gives_the_same_sums_and_catches_nan():
     paddle.seed(0)
     model = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(64, 3))  # NaN in, NaN out
     rng = np.random.default_rng(13)
@@ -464,15 +494,16 @@ def test_run_epoch_reading_every_few_steps_gives_the_same_sums_and_catches_nan()
     for sync_every in (1, 3):
         model.set_state_dict(state)
         optimizer = paddle.optimizer.Momentum(0.1, parameters=model.parameters())
-        results.append(engine.run_epoch(batches, model, optimizer, sync_every=sync_every))
+        results.append(engine.train_pass(batches, model, optimizer, lambda step: 0.1,
+                                         lambda step: step, sync_every=sync_every))
     assert results[0]["loss_sum"] == results[1]["loss_sum"] and results[0]["count"] == 35
     assert results[0]["correct"] == results[1]["correct"]
     poisoned = list(batches)
     poisoned[4] = (paddle.full([5, 1, 8, 8], float("nan")), batches[4][1])
     for sync_every in (1, 3):
         with pytest.raises(engine.NonFiniteLoss) as caught:
-            engine.run_epoch(poisoned, model, paddle.optimizer.SGD(0.1, parameters=model.parameters()),
-                             sync_every=sync_every)
+            engine.train_pass(poisoned, model, paddle.optimizer.SGD(0.1, parameters=model.parameters()),
+                              lambda step: 0.1, lambda step: step, sync_every=sync_every)
         assert caught.value.step == 4
 
 
@@ -495,7 +526,9 @@ def test_gpu_averaging_in_float32_and_fused_path_is_checked(dtype):
             snapshots.append(_snapshot(model))
             swa.update(model)
         assert _pointers(model) == pointers
-        assert swa._averager.fused == utils._fused_lerp_works(next(iter(swa.model.parameters())).place)
+        # the kernel is exact on this GPU (against numpy) and the averages used it
+        assert utils._check_fused_lerp(next(iter(swa.model.parameters())).place)
+        assert swa.pairs_with(model).fast is not None
         _assert_mean(swa, snapshots)
         assert {str(p.dtype) for p in swa.model.parameters()} == {"paddle.float32"}
     finally:

@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-import checkpoints
+from harness import checkpoints
 import eval as evaluation
 import train
 import utils

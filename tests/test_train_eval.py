@@ -8,8 +8,9 @@ import numpy as np
 import paddle
 import pytest
 
-import checkpoints
+from harness import checkpoints
 import eval as evaluation
+from harness import evaluation as scoring
 import train
 from helpers import one_line_error, run_main, snapshot_dir, write_cifar10, write_mnist
 
@@ -68,11 +69,29 @@ def test_eval_reproduces_final_swa_and_sgd_accuracy(digits_run):
     assert float(re.search(r"accuracy ([\d.]+)%", sgd.stdout)[1]) == pytest.approx(te_acc, abs=1e-4)
 
 
-def test_eval_recomputes_stale_batchnorm_statistics(digits_run):
+def test_eval_recomputes_stale_batchnorm_statistics_as_train_did(tmp_path, digits_run):
+    run_dir, result = digits_run
+    swa_acc = float(_table(result.stdout)[1][-1].split()[7])
+    ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
+    stale = dict(ckpt, swa_bn_updated=False, swa_state_dict=dict(ckpt["swa_state_dict"]))
+    for key, value in stale["swa_state_dict"].items():
+        if key.endswith("_mean"):  # statistics no refresh would leave: far off and marked stale
+            stale["swa_state_dict"][key] = paddle.full(value.shape, 50.0)
+    path = checkpoints.write_checkpoint(str(tmp_path / "stale.pdparams"), 4, **{
+        k: v for k, v in stale.items() if k not in ("epoch", "step", "format")})
+    out = run_main(evaluation.main, "--model_path", path)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.splitlines()[1]
+    assert line.startswith("SWA weights (average of 2 models, BatchNorm statistics recomputed)")
+    # the refresh eval.py makes is the one train.py made: the same accuracy as its last row
+    assert float(re.search(r"accuracy ([\d.]+)%", line)[1]) == pytest.approx(swa_acc, abs=1e-4)
+
+
+def test_eval_refuses_sgd_with_a_comparison(digits_run):
     run_dir, _ = digits_run
-    # checkpoint-0 holds no average: the SGD weights are evaluated.
-    out = run_main(evaluation.main, "--model_path", run_dir / "checkpoint-0.pdparams")
-    assert out.returncode == 0 and out.stdout.splitlines()[1].startswith("SGD weights:"), out.stderr
+    for flags in (["--reliability", "x.png"], ["--swag_samples", "2"]):
+        one_line_error(run_main(evaluation.main, "--model_path", run_dir / "checkpoint-4.pdparams",
+                                "--sgd", *flags), "--sgd", flags[0], "drop --sgd")
 
 
 def test_calibration_error_by_hand():
@@ -80,8 +99,8 @@ def test_calibration_error_by_hand():
     labels = np.array([0, 1, 1, 1])
     # bins of width 1/15: 0.9 -> bin 13 (acc 1), 0.6 -> bin 8 (acc 0), 0.7 -> bin 10 (acc 1),
     # 0.8 -> bin 11 (acc 1): ECE = (0.1 + 0.6 + 0.3 + 0.2) / 4
-    assert evaluation.calibration_error(probs, labels) == pytest.approx(0.3)
-    s = evaluation.scores(evaluation.softmax(np.log(probs)), labels)
+    assert scoring.calibration_error(probs, labels) == pytest.approx(0.3)
+    s = scoring.scores(scoring.softmax(np.log(probs)), labels)
     assert s["accuracy"] == pytest.approx(75.0)
     assert s["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
 

@@ -11,6 +11,7 @@ the record.
 import dataclasses
 import errno
 import fcntl
+import fnmatch
 import glob
 import json
 import os
@@ -20,8 +21,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-import checkpoints
-import cli
+from harness import checkpoints, errors, files
 
 RECORD = "run.json"
 LOCK = ".lock"
@@ -45,13 +45,18 @@ def acquire_lock(directory):
         handle.close()
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        raise cli.UsageError(f"--dir {directory} is being written by another process (PID "
-                             f"{holder}); wait for it to end, stop it, or choose another --dir") from None
+        raise errors.UsageError(f"--dir {directory} is being written by another process (PID "
+                                f"{holder}); wait for it to end, stop it, or choose another --dir") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def is_run_file(name):
+    """Whether `name` (a file name) is one a run writes into its directory."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
 
 
 def previous_run_files(directory):
@@ -77,8 +82,8 @@ def read_record(directory):
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise cli.UsageError(f"{os.path.join(directory, RECORD)} is unreadable ({e}); restore it "
-                             "or start a new run in another --dir") from None
+        raise errors.UsageError(f"{os.path.join(directory, RECORD)} is unreadable ({e}); restore it "
+                                "or start a new run in another --dir") from None
 
 
 def read_args(directory):
@@ -92,19 +97,12 @@ def read_args(directory):
 
 
 def write_json(path, obj):
-    """Write `obj` as JSON through a temporary file renamed into place."""
-    tmp = path + ".tmp"
-    try:
+    """Write `obj` as JSON atomically (see `files.atomic_write`)."""
+    def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if e.filename is None:
-            e.filename = path
-        raise
+    files.atomic_write(path, write)
 
 
 def show(value):
@@ -133,7 +131,8 @@ class Plan:
 
 
 def plan_start(args, identity, legacy=None):
-    """Check --dir and --resume for train.py's `args`; returns (Plan, lock). Nothing in --dir
+    """Check --dir and --resume for train.py's `args`; returns (Plan, lock, the checkpoint to
+    resume from as read, or None), so that it is read once on this process. Nothing in --dir
     changes but its lock (a --dir that did not exist is created for it, and removed again if
     a check fails).
 
@@ -147,14 +146,14 @@ def plan_start(args, identity, legacy=None):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         problem = "not a folder" if not os.path.isdir(existing) else "not writable"
-        raise cli.UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
-                             "choose another --dir")
+        raise errors.UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
+                                "choose another --dir")
     created = not os.path.isdir(args.dir)
     os.makedirs(args.dir, exist_ok=True)
     try:
         lock = acquire_lock(args.dir)
         try:
-            plan = _plan(args, identity, legacy or {})
+            plan, ckpt = _plan(args, identity, legacy or {})
         except BaseException:
             lock.close()
             raise
@@ -163,7 +162,7 @@ def plan_start(args, identity, legacy=None):
             remove_created_dir(args.dir)
         raise
     plan.created_dir = created
-    return plan, lock
+    return plan, lock, ckpt
 
 
 def remove_created_dir(directory):
@@ -186,65 +185,65 @@ def _plan(args, identity, legacy):
         if previous and not args.overwrite:
             advice = (" but no checkpoint to resume" if args.resume == "auto"
                       else "; resume it with --resume auto")
-            raise cli.UsageError(f"--dir {args.dir} holds a previous run "
-                                 f"({os.path.basename(previous[0])}){advice}; choose another "
-                                 "--dir, or pass --overwrite to replace it")
-        return Plan(run_id=new_run_id(), discard=previous)
+            raise errors.UsageError(f"--dir {args.dir} holds a previous run "
+                                    f"({os.path.basename(previous[0])}){advice}; choose another "
+                                    "--dir, or pass --overwrite to replace it")
+        return Plan(run_id=new_run_id(), discard=previous), None
     return _plan_resume(args, path, previous, record, identity, legacy)
 
 
 def _plan_resume(args, path, previous, record, identity, legacy):
-    """The plan for resuming from checkpoint `path`, once it is known to fit the run."""
+    """(The plan for resuming from checkpoint `path`, the checkpoint), once it fits the run."""
     ckpt = checkpoints.load_checkpoint(path)
     saved = ckpt.get("args")
     if not isinstance(saved, dict):
-        raise cli.UsageError(f"--resume {path} does not record the flags it was trained with, "
-                             "so it cannot be resumed; start from its weights with --init")
+        raise errors.UsageError(f"--resume {path} does not record the flags it was trained with, "
+                                "so it cannot be resumed; start from its weights with --init")
     run_id = ckpt.get("run_id") or (record or {}).get("run_id") or new_run_id()
     theirs = record.get("run_id") if record else None
     if theirs and ckpt.get("run_id") and theirs != ckpt["run_id"]:
-        raise cli.UsageError(f"--resume {path} is a checkpoint of another run than the one in "
-                             f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
+        raise errors.UsageError(f"--resume {path} is a checkpoint of another run than the one in "
+                                f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
     old = read_args(args.dir) if previous and record is None else None
     for flags in filter(None, (old, saved)):  # a run of an older version has only args.json
         check_same_run(path, dict(legacy, **flags), vars(args), identity, args.dir)
     epoch, step = int(ckpt["epoch"]), int(ckpt.get("step") or 0)
     if epoch > args.epochs or (epoch == args.epochs and step):
-        raise cli.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
-                             f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
+        raise errors.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
+                                f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))  # the processes of this launch
     if step and int(ckpt.get("world_size") or 1) != world:
-        raise cli.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.get('world_size') or 1} "
-                             f"processes; resume it with the same number (now {world}), or from an "
-                             "epoch's checkpoint")
+        raise errors.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.get('world_size') or 1} "
+                                f"processes; resume it with the same number (now {world}), or from an "
+                                "epoch's checkpoint")
     if epoch == args.epochs:
         return Plan(finished=f"the run in {args.dir} is finished ({epoch} of {args.epochs} "
-                             "epochs); nothing to do (raise --epochs to train on)")
+                             "epochs); nothing to do (raise --epochs to train on)"), None
     later = [p for position, p in checkpoints.list_checkpoints(args.dir).items()
              if position > (epoch, step) and os.path.abspath(p) != os.path.abspath(path)]
     if later and not args.overwrite:
-        raise cli.UsageError(f"--dir {args.dir} has checkpoints after {os.path.basename(path)} "
-                             f"({', '.join(sorted(os.path.basename(p) for p in later))}); pass "
-                             "--overwrite to resume from it and discard them, or resume the newest")
-    return Plan(resume=path, run_id=run_id, discard=later)
+        raise errors.UsageError(f"--dir {args.dir} has checkpoints after {os.path.basename(path)} "
+                                f"({', '.join(sorted(os.path.basename(p) for p in later))}); pass "
+                                "--overwrite to resume from it and discard them, or resume the newest")
+    return Plan(resume=path, run_id=run_id, discard=later), ckpt
 
 
 def check_same_run(path, saved, current, identity, directory):
     """Refuse a resume whose flags differ from the run's where they define it."""
     changed = differences(saved, current, identity)
     if changed:
-        raise cli.UsageError(f"--resume {path}: the command differs from the run's flags in "
-                             f"{'; '.join(changed)}; resume with the run's command (see "
-                             f"{os.path.join(directory, 'command.sh')}) or start a new run in "
-                             "another --dir")
+        raise errors.UsageError(f"--resume {path}: the command differs from the run's flags in "
+                                f"{'; '.join(changed)}; resume with the run's command (see "
+                                f"{os.path.join(directory, 'command.sh')}) or start a new run in "
+                                "another --dir")
 
 
 def record_run(args, plan, world_size, command, identity):
     """Write the run's record, command line and arguments; clear what the plan discards."""
     remove(plan.discard)
-    for stale in os.listdir(args.dir):  # left by saves that were killed; never complete files
-        if stale.endswith(".tmp"):
-            os.unlink(os.path.join(args.dir, stale))
+    # Temporary files of writes that were killed (never complete files); a user's own *.tmp
+    # files are not ours and stay.
+    remove(files.leftover_temporaries(args.dir, is_run_file))
     write_json(os.path.join(args.dir, RECORD),
                {"run_id": plan.run_id, "identity": {name: getattr(args, name) for name in identity},
                 "world_size": world_size})

@@ -4,44 +4,11 @@ Shared by train.py, eval.py and scripts/; none of it is needed to use the SWA co
 """
 import ctypes
 import os
-import warnings
 from dataclasses import dataclass
 
-import cli
+import paddle
 
-# Paddle warns at import that no compiler cache (ccache) is installed, which matters only
-# for building C++ extensions, and at BatchNorm forwards in training mode that statistics
-# are tracked. Neither tells a user of these scripts anything; the filters must be in place
-# before Paddle is first imported, so entry scripts import this module first.
-warnings.filterwarnings("ignore", message="No ccache found")
-warnings.filterwarnings("ignore", message="When training, we now always track")
-
-
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def prefer_fast_mkl_path():
-    """On AMD CPUs, make the MKL bundled with Paddle use its AVX2 kernels.
-
-    That MKL takes a slow generic path on non-Intel CPUs unless MKL_DEBUG_CPU_TYPE=5 is in
-    the environment when it loads (2-3x faster convolutions measured here). Setting it after
-    `import paddle` takes effect only sometimes (measured), so this runs when this module is
-    imported, before Paddle. A value the user set is kept; GPUs are unaffected.
-    """
-    if "MKL_DEBUG_CPU_TYPE" not in os.environ and _cpu_vendor() == "AuthenticAMD":
-        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
-
-
-prefer_fast_mkl_path()
-import paddle  # noqa: E402
+from harness import errors
 
 # Threads per model, from runs on a 2-core AMD EPYC VM (train images/s, batch 64, medians of
 # 3-5 fresh processes): VGG16 28.9 on one thread vs 36.6 on two, reliably; PreResNet110
@@ -92,7 +59,7 @@ def tune_cpu(threads=0, model_name=None, processes_per_machine=1):
     Paddle pins one thread unless told otherwise; this takes `auto_threads` of the cores
     available to each process, and keeps freed memory for reuse (`keep_freed_memory`).
     (The math-library code path is chosen when this module is imported: see
-    `prefer_fast_mkl_path`.)
+    `harness.prepare`.)
 
     Args:
         threads: thread count; 0 picks one as above, unless OMP_NUM_THREADS > 1 was set.
@@ -117,23 +84,19 @@ def has_gpu():
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
-class DeviceError(cli.UsageError):
-    """The requested device is not available."""
 
 
 def select_device(choice, gpu_id=0):
     """Set Paddle's device from --device (auto/cpu/gpu) and return "cpu" or "gpu"."""
     if choice == "gpu" and not has_gpu():
-        raise DeviceError("--device gpu: this Paddle has no usable GPU (install the "
-                          "paddlepaddle-gpu wheel for your CUDA from Paddle's install guide), "
-                          "or use --device cpu")
+        raise errors.DeviceError("--device gpu: this Paddle has no usable GPU (install the "
+                                 "paddlepaddle-gpu wheel for your CUDA from Paddle's install guide), "
+                                 "or use --device cpu")
     kind = "gpu" if choice == "gpu" or (choice == "auto" and has_gpu()) else "cpu"
     paddle.set_device(f"gpu:{gpu_id}" if kind == "gpu" else "cpu")
     return kind
 
 
-class OtherRankFailed(cli.RunFailed):
-    """Another process of a data-parallel job failed; it reports its own error."""
 
 
 @dataclass
@@ -231,7 +194,7 @@ class Distributed:
         if error is not None:
             raise error
         if failed:
-            raise OtherRankFailed("another process of the job failed (its log says why)")
+            raise errors.OtherRankFailed("another process of the job failed (its log says why)")
         return result
 
 

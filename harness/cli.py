@@ -1,12 +1,8 @@
 """What every entry point shares: one-line errors and exit codes, number checks, common flags.
 
 train.py, eval.py and the scripts build their parsers with `ArgumentParser` and run through
-`main`, so a bad flag, file or environment is reported the same way everywhere:
-
-    exit 0   done
-    exit 1   the run failed (diverged, disk full, another process failed); the message says
-             what was kept
-    exit 2   bad input: a flag, a file or a folder; nothing was changed
+`main`, so a bad flag, file or environment is reported the same way everywhere: one line on
+stderr and the exit code of `errors` (0 done, 1 the run failed, 2 bad input).
 
 Only the standard library is imported here, so scripts that do not need Paddle start fast.
 """
@@ -18,24 +14,14 @@ import os
 import signal
 import sys
 
-
-class UsageError(Exception):
-    """Bad input (a flag, a file, a folder), reported as one line with exit code 2.
-
-    The message names the problem and the fix. DataError, CheckpointError and DeviceError
-    are kinds of it."""
-
-
-class RunFailed(Exception):
-    """The run could not go on (diverged, disk full, another process failed): one line,
-    exit code 1. The message says what was kept."""
+from harness import errors
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (the problem and where to look), exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(errors.EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # --------------------------------------------------------------------------- numbers
@@ -173,12 +159,12 @@ def main(prog, body, argv=None, kept=None):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return body(argv)
-    except UsageError as e:
+    except errors.UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
+        return errors.EXIT_USAGE
+    except errors.RunFailed as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return errors.EXIT_FAILED
     except OSError as e:
         message = disk_error_message(e)
         if message is None:
@@ -186,4 +172,4 @@ def main(prog, body, argv=None, kept=None):
         where = kept() if kept else ""
         print(f"{prog}: error: {message}; {where or 'files written before are intact'}; "
               "free some space and run again", file=sys.stderr)
-        return 1
+        return errors.EXIT_FAILED

@@ -9,6 +9,8 @@ import shlex
 import sys
 import time
 
+from harness import files
+
 AVERAGES = {"swa": "SWA", "ema": "EMA"}  # column prefix -> what the average is
 
 
@@ -56,17 +58,12 @@ class MetricsFile:
                 rows = [r for r in csv.DictReader(f) if int(r["ep"]) <= keep_through_epoch]
         # Rewritten whole, then renamed: rows of epochs a resumed run repeats are dropped, and
         # a full disk leaves the old file as it was (and no temporary file behind).
-        tmp = self.path + ".tmp"
-        try:
+        def write(tmp):
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
-            os.replace(tmp, self.path)
-        except OSError:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        files.atomic_write(self.path, write)
 
     def append(self, row):
         line = io.StringIO()

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import cli
+from harness import errors
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DIGITS_FILE = os.path.join(HERE, "data", "digits.npz")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_FILE = os.path.join(ROOT, "data", "digits.npz")  # embedded in the repository
 
 
-class DataError(cli.UsageError):
-    """Data that cannot be loaded; the message names the files and what to do."""
 
 
 @dataclass
@@ -81,8 +79,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _check_labels(labels, classes, where):
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-        raise DataError(f"{where} holds labels from {labels.min()} to {labels.max()}, outside "
-                        f"0..{classes - 1}: not the official file; download it again")
+        raise errors.DataError(f"{where} holds labels from {labels.min()} to {labels.max()}, outside "
+                               f"0..{classes - 1}: not the official file; download it again")
 
 
 def _cifar_batch(raw, label_key, where, classes):
@@ -90,11 +88,11 @@ def _cifar_batch(raw, label_key, where, classes):
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        raise DataError(f"{where} holds images of shape {list(data.shape)} ({data.dtype}), not "
-                        "N x 3072 bytes: not the official file; download it again")
+        raise errors.DataError(f"{where} holds images of shape {list(data.shape)} ({data.dtype}), not "
+                               "N x 3072 bytes: not the official file; download it again")
     if labels.shape != (len(data),):
-        raise DataError(f"{where} holds {len(data)} images but {labels.size} labels: not the "
-                        "official file; download it again")
+        raise errors.DataError(f"{where} holds {len(data)} images but {labels.size} labels: not the "
+                               "official file; download it again")
     _check_labels(labels, classes, where)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
@@ -119,7 +117,7 @@ def read_cifar(source, members, label_key, classes):
             by_name = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             for member in members:
                 if member not in by_name:
-                    raise DataError(f"{source} has no member {member}: not the official archive")
+                    raise errors.DataError(f"{source} has no member {member}: not the official archive")
                 parts.append(_cifar_batch(tar.extractfile(by_name[member]).read(), label_key,
                                           f"{member} in {source}", classes))
     return ArrayDataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
@@ -131,12 +129,12 @@ def read_idx(path):
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an idx file of unsigned bytes")
+        raise errors.DataError(f"{path} is not an idx file of unsigned bytes")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: {data.size} of {int(np.prod(shape))} values")
+        raise errors.DataError(f"{path} is truncated: {data.size} of {int(np.prod(shape))} values")
     return data.reshape(shape)
 
 
@@ -205,7 +203,7 @@ def canonical_name(name):
     by_lower = {n.lower(): n for n in names()}
     key = name.lower().replace("-", "").replace("_", "")
     if key not in by_lower:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
+        raise errors.DataError(f"unknown dataset {name!r}; choose one of: {', '.join(names())}")
     return by_lower[key]
 
 
@@ -216,15 +214,15 @@ def _load_cifar(name, data_path, download):
     if source is None and download and _paddle_download(spec["paddle"]):
         source = _find(folders, [spec["archive"]])
     if source is None:
-        raise DataError(f"{name} not found: put the official {spec['archive']} (or its "
-                        f"extracted {spec['folder']}/) in {data_path!r} or pass --data_path; "
-                        "Paddle's download failed or was disabled")
+        raise errors.DataError(f"{name} not found: put the official {spec['archive']} (or its "
+                               f"extracted {spec['folder']}/) in {data_path!r} or pass --data_path; "
+                               "Paddle's download failed or was disabled")
     try:
         train = read_cifar(source, spec["train"], spec["label_key"], spec["classes"])
         test = read_cifar(source, spec["test"], spec["label_key"], spec["classes"])
     except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
-        raise DataError(f"{source} is unreadable or not the official {name} file "
-                        f"({type(e).__name__}: {e}); download it again") from None
+        raise errors.DataError(f"{source} is unreadable or not the official {name} file "
+                               f"({type(e).__name__}: {e}); download it again") from None
     return train, test, spec["classes"]
 
 
@@ -248,22 +246,22 @@ def _load_idx(name, data_path, download):
         files = locate()
     if files is None:
         wanted = ", ".join(base + ".gz" for base in IDX_FILES.values())
-        raise DataError(f"{name} not found: put the official {wanted} in {data_path!r} "
-                        "or pass --data_path; Paddle's download failed or was disabled")
+        raise errors.DataError(f"{name} not found: put the official {wanted} in {data_path!r} "
+                               "or pass --data_path; Paddle's download failed or was disabled")
     try:
         arrays = {key: read_idx(path) for key, path in files.items()}
     except (OSError, EOFError) as e:
-        raise DataError(f"{name} files in {os.path.dirname(files['train_images'])} are "
-                        f"unreadable ({type(e).__name__}: {e}); download them again") from None
+        raise errors.DataError(f"{name} files in {os.path.dirname(files['train_images'])} are "
+                               f"unreadable ({type(e).__name__}: {e}); download them again") from None
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:
-            raise DataError(f"{files[split + '_images']} holds an array of shape {list(images.shape)} "
-                            f"and {files[split + '_labels']} one of {list(labels.shape)}; expected "
-                            "N x height x width images and N labels: not the official files")
+            raise errors.DataError(f"{files[split + '_images']} holds an array of shape {list(images.shape)} "
+                                   f"and {files[split + '_labels']} one of {list(labels.shape)}; expected "
+                                   "N x height x width images and N labels: not the official files")
         if len(images) != len(labels):
-            raise DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
-                            "hold different numbers of examples")
+            raise errors.DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
+                                   "hold different numbers of examples")
         _check_labels(labels, 10, files[split + "_labels"])
     split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
              for s in ("train", "test")}
@@ -430,3 +428,12 @@ class Batches:
             while ahead:
                 x, y = ahead.popleft().result()
                 yield paddle.to_tensor(x), paddle.to_tensor(y)
+
+
+def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=0):
+    """The batches of train.py's BatchNorm refresh after 0-based `epoch`: every training sample
+    once over all ranks, in an order and augmentation of their own (stream 1 of the epoch),
+    not training's. eval.py and the scripts draw the same ones from a checkpoint."""
+    batches = Batches(ds.train, batch_size, ds.mean, ds.std, shuffle=True, augment=ds.augment,
+                      seed=seed, rank=rank, world_size=world_size, num_workers=num_workers)
+    return batches(epoch, stream=1)

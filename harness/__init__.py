@@ -1,0 +1,48 @@
+"""The harness around the averaging core: what train.py, eval.py and scripts/ are built from.
+
+    errors        the exceptions of bad input and failed runs, and their exit codes
+    cli           argument parsing and one-line errors for every entry point
+    runtime       device, CPU threads, the data-parallel job
+    data          the datasets from their official files, and the batch loader
+    checkpoints   the checkpoint: its schema, saving and loading it, rebuilding what it was trained with
+    engine        one training pass and one evaluation pass
+    evaluation    scores (accuracy, NLL, ECE), predictions, SWAG's model average, reliability plots
+    schedules     learning-rate schedules, as pure functions
+    rundir        a run directory: one run, one writer, its record
+    report        the epoch table, metrics.csv, VisualDL, the convergence plot
+    files         writing a file atomically
+
+None of it is needed to use utils.py (the averaging core) or callbacks.py in your own code.
+Importing this package does nothing; entry points call `prepare()` before Paddle loads.
+"""
+import os
+import warnings
+
+
+def prepare():
+    """Settings that must be in place before Paddle is first imported; entry points call this
+    first, before `import paddle` (afterwards it is too late for the first one).
+
+    - On AMD CPUs, the MKL bundled with Paddle takes a slow generic path unless
+      MKL_DEBUG_CPU_TYPE=5 is in the environment when it loads (2-3x faster convolutions
+      measured here; set after `import paddle` it takes effect only sometimes). A value the
+      user set is kept; GPUs are unaffected.
+    - Paddle warns at import that no compiler cache (ccache) is installed, which matters only
+      for building C++ extensions, and at BatchNorm forwards in training mode that statistics
+      are tracked: neither tells a user of these scripts anything.
+    """
+    if "MKL_DEBUG_CPU_TYPE" not in os.environ and _cpu_vendor() == "AuthenticAMD":
+        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    warnings.filterwarnings("ignore", message="No ccache found")
+    warnings.filterwarnings("ignore", message="When training, we now always track")
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -1,0 +1,176 @@
+"""One pass of training and one of evaluation, and the data-parallel bookkeeping around them.
+
+    >>> train_pass(batches, model, optimizer, lr_at=lambda step: 0.1, seed_at=lambda step: step)
+    >>> evaluate_pass(test_batches, model)["accuracy"]
+
+A pass reads the loss and the number of correct predictions back from the device only every
+`sync_every` steps, in one copy: on a GPU a read per step stalls the queue of work.
+"""
+import math
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+import utils
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite at 0-based step `step` of the pass (on some rank)."""
+
+    def __init__(self, step, value):
+        super().__init__(f"loss is {value} at step {step}")
+        self.step, self.value = step, value
+
+
+def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=None,
+               sync_every=1, on_sync=None, context=None, totals=None):
+    """SGD over `batches` (cross-entropy, model.train(), one optimizer step per batch).
+
+    Before batch `step` (counted from `first_step`) the rate is set to `lr_at(step)` and
+    Paddle's generator (dropout) seeded with `seed_at(step)`. Every `sync_every` steps the
+    losses and correct counts since the last read are copied to the host at once; a
+    non-finite loss then raises `NonFiniteLoss` naming its step (0-based in this call), before
+    that step's update (with sync_every=1 the weights stay those of the last good step;
+    otherwise up to sync_every - 1 updates with a bad loss may have been applied, so the
+    model must not be saved).
+
+    Args:
+        batches: iterable of `(x, y)` with integer labels y.
+        model: the Layer (or DataParallel wrapper) to train.
+        optimizer: a paddle optimizer.
+        lr_at, seed_at: callables of the step number (see above).
+        first_step: the number of the first batch (a resumed epoch's).
+        average: a `utils.SWA` updated from the model after every step (an EMA), or None.
+        sync_every: steps between reads from the device (1 on CPU, where a read costs nothing).
+        on_sync: optional callable(steps_done, sums) at each read; True asks to stop after the
+            current step (agreed over all ranks with `context`).
+        context: a runtime.Distributed for data-parallel runs (None: one process); its ranks
+            agree at every read (stop, non-finite loss) and the sums are all-reduced.
+        totals: sums of an interrupted pass to continue from (`local` of its result).
+
+    Returns:
+        The sums and means as `Sums.result` gives them; `steps` is the batches run here
+        (fewer than given if asked to stop).
+    """
+    model.train()
+    sums = Sums(totals)
+    agree = context is not None and context.world_size > 1
+    steps = 0
+    for i, (x, y) in enumerate(batches):
+        optimizer.set_lr(lr_at(first_step + i))
+        paddle.seed(seed_at(first_step + i))
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        sums.add(loss, logits, y)
+        stop = False
+        if (i + 1) % sync_every == 0:
+            bad = sums.read(i + 1 - sums.unread())
+            stop = bool(on_sync(i + 1, sums.totals)) if on_sync else False
+            if agree:
+                any_bad, stop = context.agree_any(bad is not None, stop)
+                bad = bad or ((i, "non-finite on another rank") if any_bad else None)
+            if bad is not None:
+                raise NonFiniteLoss(*bad)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        if average is not None:
+            average.update(model)
+        steps += 1
+        if stop:
+            break
+    bad = sums.read(steps - sums.unread())
+    if agree:
+        any_bad, = context.agree_any(bad is not None)
+        bad = bad or ((steps - 1, "non-finite on another rank") if any_bad else None)
+    if bad is not None:
+        raise NonFiniteLoss(*bad)
+    return sums.result(steps, context)
+
+
+def evaluate_pass(batches, model, context=None, keep_logits=False):
+    """Loss and accuracy of `model` (model.eval(), no gradients) over `batches` of `(x, y)`.
+
+    With `context` (data-parallel) the sums are all-reduced, so every rank returns the metrics
+    over all ranks' batches. keep_logits: also return this process's `logits` and `labels`
+    as numpy arrays.
+    """
+    model.eval()
+    sums, kept, steps = Sums(), [], 0
+    with paddle.no_grad():
+        for x, y in batches:
+            logits = model(x)
+            sums.add(F.cross_entropy(logits, y), logits, y)
+            if keep_logits:
+                kept.append((logits.detach(), y.reshape([-1])))
+            steps += 1
+    sums.read(0)
+    result = sums.result(steps, context)
+    if keep_logits:
+        result["logits"] = paddle.concat([k[0] for k in kept]).numpy() if kept else np.zeros((0, 0))
+        result["labels"] = paddle.concat([k[1] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
+    return result
+
+
+class Sums:
+    """A pass's loss and correct-prediction sums, kept on the host in float64 (exactly as if
+    read every step) and read from the device a batch of steps at a time."""
+
+    def __init__(self, totals=None):
+        self.totals = dict(loss_sum=0.0, correct=0, count=0)
+        if totals:
+            self.totals.update({key: totals[key] for key in self.totals})
+        self.pending = []
+
+    def add(self, loss, logits, y):
+        hits = (logits.argmax(axis=1) == y.reshape([-1])).astype("int64").sum()
+        self.pending.append((loss.detach(), hits, int(y.shape[0])))
+
+    def unread(self):
+        return len(self.pending)
+
+    def read(self, first_step):
+        """Add the pending steps' values to the sums; returns (step, value) of the first
+        non-finite loss among them, or None."""
+        if not self.pending:
+            return None
+        losses = paddle.stack([p[0].reshape([]) for p in self.pending]).astype("float64")
+        correct = paddle.stack([p[1].reshape([]) for p in self.pending]).astype("float64")
+        values = paddle.concat([losses, correct]).numpy()
+        count, bad = len(self.pending), None
+        for i, (loss, hits, (_, _, size)) in enumerate(zip(values[:count], values[count:], self.pending)):
+            if not math.isfinite(loss) and bad is None:
+                bad = (first_step + i, float(loss))
+            self.totals["loss_sum"] += float(loss) * size
+            self.totals["correct"] += int(hits)
+            self.totals["count"] += size
+        self.pending.clear()
+        return bad
+
+    def result(self, steps, context=None):
+        """dict with `loss` (mean cross-entropy), `accuracy` (percent), `count`, `steps`, the
+        raw sums `loss_sum`, `correct` (over all ranks with `context`) and `local` (this
+        rank's sums, which `train_pass(totals=...)` takes)."""
+        local, sums = dict(self.totals), dict(self.totals)
+        if context is not None and context.world_size > 1:
+            loss_sum, correct, count = context.all_reduce_sum([sums["loss_sum"], sums["correct"],
+                                                               sums["count"]])
+            sums = dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)))
+        count = max(sums["count"], 1)
+        return dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
+                    steps=steps, local=local)
+
+
+def sync_bn_statistics(model, context):
+    """Set every rank's BatchNorm running statistics to their mean over all ranks.
+
+    In data-parallel training each rank's running statistics follow its own batches, so
+    the ranks' copies of the model differ there (and only there). Call this on every rank
+    before evaluating a sharded test set or averaging, so all ranks hold the same model.
+    """
+    stats = utils.batch_norm_statistics(model)
+    if stats:
+        with paddle.no_grad():
+            for t, s in zip(stats, context.all_reduce_sum(stats)):
+                paddle.assign((s / context.world_size).astype(t.dtype), output=t)

@@ -1,0 +1,298 @@
+"""What train.py's loop works on: the run (model, optimizer, average, loaders, logs), built and
+restored once by `setup`, saved by `Run.save`, and the helpers the loop calls by name.
+"""
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+import models
+import utils
+from harness import checkpoints, engine, errors, report, rundir, runtime
+from harness import data as datasets
+
+STEP_SYNC_GPU = 10  # training steps between reads of the loss from a GPU (a CPU reads every step)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while installed (`with StopFlag() as stop:`); training then
+    finishes its step, saves and exits. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(seed, rank, epoch, step):
+    """The seed of Paddle's generator (dropout) before a step: a function of where training
+    is, so a resume draws the same masks on any device set."""
+    words = np.random.SeedSequence([seed, rank, epoch, step]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
+
+
+def evaluation_epoch(epoch, eval_freq, epochs):
+    """Whether 0-based `epoch` evaluates (the original's rule: first, every eval_freq, last)."""
+    return epoch == 0 or epoch % eval_freq == eval_freq - 1 or epoch == epochs - 1
+
+
+@dataclass
+class Start:
+    """Where training starts: epochs done, batches done in the next one, and this rank's
+    partial sums of that epoch (None at an epoch's start)."""
+    epoch: int = 0
+    step: int = 0
+    partial: dict | None = None
+
+
+@dataclass
+class Run:
+    """What a training run is made of, built once by `setup`."""
+    args: argparse.Namespace
+    env: runtime.Distributed
+    ds: datasets.Data
+    train_batches: datasets.Batches
+    test_batches: datasets.Batches
+    model: paddle.nn.Layer          # the SGD model
+    net: paddle.nn.Layer            # the model as trained: DataParallel-wrapped when launched
+    optimizer: paddle.optimizer.Optimizer
+    swa: utils.SWA | None           # the average: SWA's, an EMA, or SWAG (whose mean is SWA)
+    plan: rundir.Plan
+    sync_every: int = 1
+    metrics: report.MetricsFile | None = None   # rank 0 only, like the two below
+    visualdl: report.VisualDLLog | None = None
+    progress: report.Progress | None = None
+    lock: object = None
+
+    @property
+    def average(self):
+        """The column prefix of the average ('swa', 'ema'), or None without one."""
+        return None if self.swa is None else "ema" if self.args.ema_decay is not None else "swa"
+
+    @property
+    def context(self):
+        """The data-parallel job for passes that agree over ranks, or None in one process."""
+        return self.env if self.env.enabled else None
+
+    def log(self, *args, **kwargs):
+        if self.env.is_master:
+            print(*args, **kwargs)
+
+    def record(self, row):
+        """Print the epoch's table row and log it to metrics.csv and VisualDL (rank 0)."""
+        self.log(report.format_row(row, report.columns(self.average)), flush=True)
+        if self.metrics:
+            self.metrics.append(row)
+        if self.visualdl:
+            self.visualdl.add(row)
+
+    def refresh_batches(self, epoch):
+        """This rank's share of the BatchNorm refresh after 0-based `epoch`."""
+        return datasets.refresh_batches(self.ds, self.args.batch_size // self.env.world_size,
+                                        self.args.seed, epoch, self.env.rank, self.env.world_size,
+                                        self.args.num_workers)
+
+    def local_statistics(self):
+        """The BatchNorm statistics that differ between ranks mid-epoch: the SGD model's, and
+        an EMA's (updated from them every step); both are synchronised at epoch ends."""
+        models_ = [self.model] + ([self.swa.model] if self.average == "ema" else [])
+        return [t for m in models_ for t in utils.batch_norm_statistics(m)]
+
+    def save(self, epoch, step=0, partial=None):
+        """Checkpoint on rank 0; mid-epoch, with every rank's own state. All ranks call it."""
+        ranks = self.env.gather({"partial": partial, "statistics": [
+            t.numpy() for t in self.local_statistics()]}) if step else None
+        path = None
+        if self.env.is_master:
+            swa = self.swa.state_dict() if self.swa else {"swa_state_dict": None, "swa_n": None}
+            path = checkpoints.save_checkpoint(
+                self.args.dir, epoch, step, state_dict=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(), **swa, rng=checkpoints.get_rng_state(),
+                rank_state=ranks, args=vars(self.args), run_id=self.plan.run_id,
+                world_size=self.env.world_size, **checkpoints.setting_of(self.args.model, self.ds))
+            if not step:  # step checkpoints before this epoch are superseded
+                for (e, s), old in checkpoints.list_checkpoints(self.args.dir).items():
+                    if s and e < epoch:
+                        os.unlink(old)
+        return path
+
+    def restore(self, path, ckpt=None):
+        """Load checkpoint `path` (or `ckpt`, already read from it) into the run; returns the Start."""
+        ckpt = ckpt if ckpt is not None else checkpoints.load_checkpoint(path)
+        checkpoints.load_weights(self.model, ckpt["state_dict"], source=path)
+        try:
+            self.optimizer.set_state_dict(ckpt["optimizer"])
+            if self.swa is not None:
+                self.swa.set_state_dict(ckpt)
+        except (ValueError, KeyError) as e:
+            raise errors.CheckpointError(f"cannot resume from {path}: {e}") from None
+        if ckpt.get("rng") is not None:
+            checkpoints.set_rng_state(ckpt["rng"])
+        partial = ckpt.get("partial")
+        ranks = ckpt.get("rank_state")
+        if ranks:  # mid-epoch: this rank's own sums and statistics (same world size, checked)
+            mine = ranks[self.env.rank]
+            partial = mine["partial"]
+            with paddle.no_grad():
+                for t, value in zip(self.local_statistics(), mine["statistics"]):
+                    t.set_value(value)
+        return Start(int(ckpt["epoch"]), int(ckpt.get("step") or 0), partial)
+
+    def interrupted(self, epoch, step, totals, signum):
+        """Save where training stopped and say how to continue; returns the exit code."""
+        partial = totals["local"] if totals else None  # this rank's own sums
+        path = self.save(epoch, step, partial)
+        self.env.barrier()  # no rank exits (and gets the job stopped) before rank 0 has saved
+        if path:
+            print(f"stopped by {signal.Signals(signum).name} at "
+                  f"{checkpoints.describe_position(epoch, step)}; saved {path}; continue with the "
+                  "same command plus --resume auto", file=sys.stderr, flush=True)
+        return 128 + signum
+
+    def close(self):
+        if self.visualdl:
+            self.visualdl.close()
+        if self.lock:
+            self.lock.close()
+
+
+# --------------------------------------------------------------------------- building
+
+def load_data(args, env):
+    """The dataset on every rank; a missing one is downloaded once: by rank 0 first, then by
+    the first process of each other machine (which finds it there on a shared disk)."""
+    def load(my_turn, download):
+        return datasets.load_dataset(args.dataset, args.data_path, download=download) if my_turn else None
+
+    download = not args.no_download
+    ds = env.together(load, env.rank == 0, download)
+    ds = env.together(load, ds is None and env.local_rank == 0, download) or ds
+    ds = env.together(load, ds is None, False) or ds
+    if args.normalization == "model" and ds.image_shape[0] == 3 and models.normalization(args.model):
+        mean, std = models.normalization(args.model)
+        ds = dataclasses.replace(ds, mean=np.array(mean, np.float32), std=np.array(std, np.float32))
+    if args.label_noise:
+        ds.train = datasets.with_label_noise(ds.train, args.label_noise, ds.num_classes, args.seed)
+    return ds
+
+
+def build_average(args, model):
+    if not args.swa:
+        return None
+    if args.swag:
+        return utils.SWAG(model, max_rank=args.swag_rank)
+    return utils.SWA(model, ema_decay=args.ema_decay)
+
+
+def build_run(args, env, plan, device, ckpt=None):
+    """The run on this rank, restored from the plan's checkpoint (`ckpt` if already read)."""
+    ds = load_data(args, env)
+    paddle.seed(args.seed)
+    model = models.build(args.model, ds.num_classes, ds.image_shape[0])
+    if args.init and not plan.resume:
+        checkpoints.load_weights(model, checkpoints.read_weights(args.init), source=f"--init {args.init}")
+    optimizer = paddle.optimizer.Momentum(
+        learning_rate=args.lr_init, momentum=args.momentum, weight_decay=args.wd or None,
+        parameters=[p for p in model.parameters() if p.trainable])
+    per_process = args.batch_size // env.world_size
+    shard = dict(mean=ds.mean, std=ds.std, rank=env.rank, world_size=env.world_size,
+                 num_workers=args.num_workers)
+    run = Run(args, env, ds,
+              datasets.Batches(ds.train, per_process, shuffle=True, augment=ds.augment,
+                               seed=args.seed, even_shards=True, **shard),
+              datasets.Batches(ds.test, per_process, **shard),
+              model, paddle.DataParallel(model) if env.enabled else model,  # never the average
+              optimizer, build_average(args, model), plan,
+              sync_every=1 if device == "cpu" else STEP_SYNC_GPU)
+    start = run.restore(plan.resume, ckpt) if plan.resume else Start()
+    return run, start
+
+
+def setup(args, command, identity, legacy):
+    """Build the run and restore --resume; returns (run, Start), or (None, message) when the
+    run in --dir is already finished. `identity`: the flags that define a run (see rundir)."""
+    env = runtime.distributed_from_env()
+    device = runtime.select_device(args.device, env.gpu_id)
+    cpu = runtime.tune_cpu(args.threads, args.model, env.local_world_size) if device == "cpu" else ""
+    if args.batch_size % env.world_size:
+        raise errors.UsageError(f"--batch_size {args.batch_size} is the total over {env.world_size} "
+                                "processes and must divide evenly between them")
+    env.start()
+    held = {}  # rank 0's lock on --dir, kept until the run ends, and the checkpoint it read
+
+    def decide():
+        plan, held["lock"], held["ckpt"] = rundir.plan_start(args, identity, legacy)
+        return plan
+
+    plan = env.on_master(decide)
+    if plan.finished:
+        if "lock" in held:
+            held["lock"].close()
+        return None, plan.finished
+    try:
+        run, start = env.together(build_run, args, env, plan, device, held.get("ckpt"))
+        run.lock = held.get("lock")
+        if env.is_master:  # every check has passed on every rank: now --dir may change
+            open_run(run, plan, start.epoch, command, identity)
+    except BaseException:
+        if "lock" in held:
+            held["lock"].close()
+        if plan.created_dir and env.is_master:
+            rundir.remove_created_dir(args.dir)  # only if nothing but the lock is in it
+        raise
+    if not plan.resume:
+        run.save(0)
+    run.log(describe(run, device, cpu))
+    return run, start
+
+
+def open_run(run, plan, epoch, command, identity):
+    """On rank 0: record the run in --dir and open its logs from `epoch` on."""
+    args = run.args
+    rundir.record_run(args, plan, run.env.world_size, command, identity)
+    run.metrics = report.MetricsFile(args.dir, report.columns(run.average), epoch)
+    run.visualdl = None if args.no_visualdl else report.VisualDLLog(args.dir, run.average)
+    run.progress = report.Progress()
+
+
+def describe(run, device, cpu):
+    args, env, ds = run.args, run.env, run.ds
+    kind = {"swa": "; SWA", "ema": f"; EMA (decay {args.ema_decay})", None: "; SGD"}[run.average]
+    return (f"{args.model} on {ds.name} ({len(ds.train)} train / {len(ds.test)} test), {device}"
+            + (f", {cpu}" if cpu else "") + f"; batch {args.batch_size} per step"
+            + (f" = {env.world_size} processes x {args.batch_size // env.world_size}"
+               if env.enabled else "")
+            + kind + (f" + SWAG (rank {args.swag_rank})" if args.swag else "")
+            + f", {args.lr_schedule} schedule"
+            + (f"; resuming from {run.plan.resume}" if run.plan.resume else "")
+            + (f"; starting from {args.init}" if args.init and not run.plan.resume else ""))
+
+
+def kept_checkpoints(directory):
+    """What a failed run left in `directory`, for the disk-full message."""
+    found = checkpoints.list_checkpoints(directory)
+    if not found:
+        return "no checkpoint was written"
+    return f"the newest checkpoint is {found[max(found)]}"
+
+
+def test_columns(run, model, prefix=""):
+    """The test loss and accuracy of `model` as row columns (`te_*`, or `<prefix>_te_*`)."""
+    te = engine.evaluate_pass(run.test_batches(), model, context=run.context)
+    start = f"{prefix}_" if prefix else ""
+    return {f"{start}te_loss": te["loss"], f"{start}te_acc": te["accuracy"]}
