@@ -1,7 +1,9 @@
-"""Writing a file so that a crash, a kill or a full disk never leaves it half-written.
+"""Writing a file so that a crash, a kill or a full disk never leaves it half-written, and
+reading back the JSON records written so.
 
     >>> atomic_write("runs/a/run.json", lambda tmp: write_json_to(tmp))
 """
+import json
 import os
 import re
 import uuid
@@ -46,3 +48,13 @@ def leftover_temporaries(directory, names):
         if match and names(entry[:match.start()]):
             found.append(os.path.join(directory, entry))
     return found
+
+
+def read_json_dict(path):
+    """The dict in JSON file `path`, or None if it is missing, unreadable or not a dict."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

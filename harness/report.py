@@ -3,7 +3,6 @@ metrics.csv, VisualDL logs and the convergence plot.
 """
 import csv
 import io
-import json
 import os
 import shlex
 import sys
@@ -211,9 +210,5 @@ def plot_runs(directories, out):
 
 def _swa_start(directory):
     """The run's first averaged epoch, from its args.json, or None."""
-    try:
-        with open(os.path.join(directory, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
+    saved = files.read_json_dict(os.path.join(directory, "args.json")) or {}
     return saved.get("swa_start") if saved.get("swa") else None

@@ -88,12 +88,7 @@ def read_record(directory):
 
 def read_args(directory):
     """The arguments recorded in DIR/args.json, or None if there are none."""
-    try:
-        with open(os.path.join(directory, "args.json")) as f:
-            args = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return args if isinstance(args, dict) else None
+    return files.read_json_dict(os.path.join(directory, "args.json"))
 
 
 def write_json(path, obj):
