@@ -29,12 +29,13 @@ EXAMPLES = """examples:
 # change on resume (--epochs only upward); so may the number of processes, at an epoch end.
 IDENTITY = ("model", "dataset", "seed", "batch_size", "label_noise", "normalization", "lr_init",
             "momentum", "wd", "lr_schedule", "swa", "swa_start", "swa_lr", "swa_c_epochs",
-            "ema_decay", "swag", "swag_rank")
+            "ema_decay", "ema_warmup", "swag", "swag_rank")
 MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--data_path",
               "--num_workers", "--no_download", "--no_visualdl", "--init", "--device", "--threads",
               "the number of processes (at an epoch's end)")
 # Values of flags newer than a checkpoint, as the code that wrote it behaved.
-LEGACY = {"ema_decay": None, "swag": False, "swag_rank": 20, "normalization": "dataset"}
+LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
+          "normalization": "dataset"}
 
 
 
@@ -114,6 +115,10 @@ def build_parser():
                      help="keep an exponential moving average avg = D * avg + (1 - D) * model "
                           "instead of the equal average, updated after every step from epoch "
                           "--swa_start on (needs --swa; e.g. 0.999) (default: None, SWA's equal average)")
+    swa.add_argument("--ema_warmup", action="store_true",
+                     help="warm the EMA's decay up as timm's ModelEmaV3(use_warmup=True): after n "
+                          "updates min(D, 1 - (1 + n) ** (-2/3)), so an EMA from the first steps "
+                          "is not dominated by the initial weights (needs --ema_decay) (default: off)")
     swa.add_argument("--swag", action="store_true",
                      help="also fit SWA-Gaussian at the averaging epochs, for eval.py "
                           "--swag_samples (needs --swa); holds --swag_rank + 2 copies of the "
@@ -136,6 +141,8 @@ def parse_args(argv=None):
     for flag in ("ema_decay", "swag"):
         if getattr(args, flag) not in (None, False) and not args.swa:
             raise errors.UsageError(f"--{flag} needs --swa (it says when averaging starts: --swa_start)")
+    if args.ema_warmup and args.ema_decay is None:
+        raise errors.UsageError("--ema_warmup warms up an EMA's decay: add --ema_decay D")
     if args.swag and args.ema_decay is not None:
         raise errors.UsageError("--swag fits a Gaussian around SWA's equal average: drop --ema_decay")
     try:
@@ -256,7 +263,7 @@ def synchronise(run):
     ranks'), of the SGD model and of an EMA, so that all ranks evaluate and average one model."""
     if run.env.enabled:
         engine.sync_bn_statistics(run.model, run.env)
-        if run.average == "ema":
+        if run.average == "ema" and run.swa.n:
             engine.sync_bn_statistics(run.swa.model, run.env)
 
 

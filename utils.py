@@ -24,6 +24,7 @@ import contextlib
 import copy
 import functools
 import math
+import warnings
 
 import numpy as np
 import paddle
@@ -70,7 +71,8 @@ class SWA:
     `paddle.amp.auto_cast`). `update` reads the model and writes only the average. Each
     update checks, cheaply, that the model's tensors are still those it paired with the
     average; a replaced layer or a dtype change is followed, a model that no longer fits
-    (other shapes, another device) is refused with a ValueError naming the tensor.
+    (other shapes; another device, unless `device` is given) is refused with a ValueError
+    naming the tensor.
 
     Args:
         model: the model being trained (a paddle.DataParallel wrapper is fine).
@@ -79,9 +81,18 @@ class SWA:
             Either way the first update copies the model.
         average_statistics: True (default): BatchNorm running statistics (and other
             floating-point buffers) are averaged like the weights, a usable approximation
-            until `bn_update`. False: they are copied from the model at each update, as
-            torch's AveragedModel(use_buffers=False) leaves them out of the average;
-            `bn_update` gives the average its own.
+            until `bn_update`. False: they are left out of the average and copied from the
+            model at each update (torch's use_buffers=False leaves them out too, but keeps
+            the values they had when the average was made); `bn_update` gives the average
+            its own.
+        device: where the average lives, e.g. "cpu" beside a model on a GPU (as torch's
+            AveragedModel(device=...) and timm's ModelEmaV3(device="cpu")), so a large
+            model's average costs no GPU memory; each update copies the model's weights
+            across in one transfer. None (default): the model's device.
+        ema_warmup: with ema_decay, timm's warm-up (ModelEmaV3(use_warmup=True)): after n
+            updates the decay is min(ema_decay, 1 - (1 + n / warmup_gamma) ** -warmup_power),
+            at least min_decay, so an EMA started at step 0 is not dominated by the initial
+            weights. warmup_gamma (1.0), warmup_power (2/3), min_decay (0.0) as in timm.
 
     Memory: one float32 copy of the model, plus scratch of the same size while `update`
     runs (kept between calls for an EMA, which updates every step).
@@ -94,11 +105,22 @@ class SWA:
         >>> swa.set_state_dict(state)
     """
 
-    def __init__(self, model, ema_decay=None, average_statistics=True):
+    def __init__(self, model, ema_decay=None, average_statistics=True, device=None,
+                 ema_warmup=False, warmup_gamma=1.0, warmup_power=2 / 3, min_decay=0.0):
         if ema_decay is not None and not (0.0 <= ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.model = _float32_copy(model)
+        if ema_warmup and ema_decay is None:
+            raise ValueError("ema_warmup warms up an EMA's decay: give ema_decay too")
+        if not (warmup_gamma > 0 and warmup_power > 0 and 0.0 <= min_decay <= (ema_decay or 0.0)):
+            raise ValueError(f"need warmup_gamma > 0, warmup_power > 0 and 0 <= min_decay <= "
+                             f"ema_decay; got {warmup_gamma}, {warmup_power}, {min_decay}")
+        self._model = _float32_copy(model)
+        self.device = device
+        if device is not None:
+            self._model.to(device=device)
         self.ema_decay = ema_decay
+        self.ema_warmup, self.warmup_gamma, self.warmup_power = ema_warmup, warmup_gamma, warmup_power
+        self.min_decay = min_decay
         self.average_statistics = average_statistics
         self.n = 0
         # Whether the BatchNorm statistics are those of the current average (bn_update ran
@@ -106,21 +128,39 @@ class SWA:
         self.bn_updated = False
         self._pairs = None
 
+    @property
+    def model(self):
+        """The average, a float32 Layer like the model (warns while it holds no model yet)."""
+        if self.n == 0:
+            warnings.warn("the average holds no model yet (0 updates): swa.model has the "
+                          "initial weights; call swa.update(model) first", stacklevel=2)
+        return self._model
+
+    def decay(self):
+        """The EMA's decay at the next update: ema_decay, or with ema_warmup timm's warm-up
+        min(ema_decay, 1 - (1 + n / warmup_gamma) ** -warmup_power), at least min_decay, after
+        n updates (n = 0: the first update copies)."""
+        if not self.ema_warmup:
+            return self.ema_decay
+        warm = 1.0 - (1.0 + self.n / self.warmup_gamma) ** -self.warmup_power
+        return max(min(warm, self.ema_decay), self.min_decay)
+
     def weight(self):
-        """The weight the next update gives the model: 1 / (n + 1), or 1 - ema_decay (1 first)."""
+        """The weight the next update gives the model: 1 / (n + 1), or 1 - decay (1 first)."""
         if self.n == 0:
             return 1.0
-        return 1.0 / (self.n + 1) if self.ema_decay is None else 1.0 - self.ema_decay
+        return 1.0 / (self.n + 1) if self.ema_decay is None else 1.0 - self.decay()
 
     def update(self, model):
         """Add `model` to the average (see the class). Returns the number of updates so far."""
         pairs = self.pairs_with(model)
         with paddle.no_grad():
+            averaged = pairs.averaged if self.device is None else _moved(pairs.averaged)
             if self.n == 0:
-                _copy_each(pairs.averaged + pairs.copied)
+                _copy_each(averaged + pairs.copied)
             else:
                 if not (pairs.fast and pairs.fast.lerp(self.weight())):
-                    _lerp_each(pairs.averaged, self.weight())
+                    _lerp_each(averaged, self.weight())
                 _copy_each(pairs.copied)
         self.n += 1
         self.bn_updated = False
@@ -129,22 +169,30 @@ class SWA:
     def pairs_with(self, model):
         """The average's tensors paired with `model`'s: kept between updates while the model's
         tensors stay the same objects, storage and dtypes (checked cheaply), made anew if not."""
-        if self._pairs is None or not self._pairs.still_holds(self.model, model):
-            self._pairs = _Pairs(self.model, model, self.average_statistics, fast=True,
-                                 keep_scratch=self.ema_decay is not None)
+        if self._pairs is None or not self._pairs.still_holds(self._model, model):
+            self._pairs = _Pairs(self._model, model, self.average_statistics,
+                                 fast=self.device is None, keep_scratch=self.ema_decay is not None,
+                                 other_place=self.device is not None)
         return self._pairs
 
     def bn_update(self, loader, distributed=False):
-        """Recompute the average's BatchNorm statistics; see `bn_update`."""
-        seen = bn_update(loader, self.model, distributed=distributed)
+        """Recompute the average's BatchNorm statistics; see `bn_update`. ValueError before
+        any update: there is no average to refresh."""
+        if self.n == 0:
+            raise ValueError("bn_update: the average holds no model yet (0 updates); call "
+                             "swa.update(model) first")
+        seen = bn_update(loader, self._model, distributed=distributed)
         self.bn_updated = True
         return seen
 
     def state_dict(self):
         """The average and its count (the original checkpoints' key names), whether its
         statistics are fresh, and its kind (`swa_ema_decay`, None for the equal average)."""
-        return {"swa_state_dict": self.model.state_dict(), "swa_n": self.n,
-                "swa_bn_updated": self.bn_updated, "swa_ema_decay": self.ema_decay}
+        state = {"swa_state_dict": self._model.state_dict(), "swa_n": self.n,
+                 "swa_bn_updated": self.bn_updated, "swa_ema_decay": self.ema_decay}
+        if self.ema_warmup:
+            state["swa_ema_warmup"] = [self.warmup_gamma, self.warmup_power, self.min_decay]
+        return state
 
     def set_state_dict(self, state):
         """Restore what `state_dict` returned; ValueError if it does not fit this average."""
@@ -153,7 +201,11 @@ class SWA:
             kind = lambda d: "an equal average" if d is None else f"an EMA with decay {d}"  # noqa: E731
             raise ValueError(f"the saved average is {kind(saved_decay)}, this one "
                              f"{kind(self.ema_decay)}")
-        load_state_dict(self.model, state["swa_state_dict"], "the saved average")
+        warmup = [self.warmup_gamma, self.warmup_power, self.min_decay] if self.ema_warmup else None
+        if state.get("swa_ema_warmup") != warmup:
+            raise ValueError(f"the saved EMA's warm-up (gamma, power, min_decay) is "
+                             f"{state.get('swa_ema_warmup')}, this one's {warmup}")
+        load_state_dict(self._model, state["swa_state_dict"], "the saved average")
         self.n = int(state["swa_n"])
         self.bn_updated = bool(state.get("swa_bn_updated", False))
 
@@ -199,7 +251,7 @@ class SWAG(SWA):
         super().__init__(model)
         self.max_rank = int(max_rank)
         self.names = [name for name, _ in _weights(model)]
-        size = sum(int(np.prod(self._parameters_of(self.model)[name].shape)) for name in self.names)
+        size = sum(int(np.prod(self._parameters_of(self._model)[name].shape)) for name in self.names)
         self.var_sum = paddle.zeros([size], dtype="float32")   # sum of (theta - mean)^2 terms
         self.deviations = []                                   # newest last, at most max_rank
 
@@ -214,9 +266,9 @@ class SWAG(SWA):
     def update(self, model):
         """Add `model` to the mean, the variance and the deviations. Returns the count."""
         with paddle.no_grad():
-            theta, before = self.flat(model), self.flat(self.model)
+            theta, before = self.flat(model), self.flat(self._model)
             count = super().update(model)
-            deviation = theta - self.flat(self.model)
+            deviation = theta - self.flat(self._model)
             self.var_sum += (theta - before) * deviation
             self.deviations = (self.deviations + [deviation])[-self.max_rank:]
         return count
@@ -227,7 +279,7 @@ class SWAG(SWA):
 
     def sq_mean(self):
         """The mean of squares of the sampled parameters (as SWAG's papers keep it)."""
-        mean = self.flat(self.model)
+        mean = self.flat(self._model)
         return self.var_sum / max(self.n, 1) + mean * mean
 
     def sample(self, scale=0.5, cov=True, seed=None, out=None):
@@ -254,7 +306,7 @@ class SWAG(SWA):
                              f"there is {rank}; pass cov=False for SWAG-diagonal")
         rng = np.random.default_rng(seed)
         with paddle.no_grad():
-            mean = self.flat(self.model)
+            mean = self.flat(self._model)
             z1 = paddle.to_tensor(rng.standard_normal(int(mean.shape[0]), dtype=np.float32))
             noise = self.variance().sqrt() * z1
             if cov:
@@ -262,9 +314,9 @@ class SWAG(SWA):
                 for weight, deviation in zip(z2, self.deviations):
                     noise += deviation * float(weight / math.sqrt(rank - 1))
             theta = mean + math.sqrt(scale) * noise
-            sample = _float32_copy(self.model) if out is None else out
+            sample = _float32_copy(self._model) if out is None else out
             if out is not None:
-                load_state_dict(out, self.model.state_dict(), "the SWAG mean")
+                load_state_dict(out, self._model.state_dict(), "the SWAG mean")
             tensors = self._parameters_of(sample)
             start = 0
             for name in self.names:
@@ -341,7 +393,7 @@ def bn_update(loader, model, distributed=False):
                 paddle.assign(paddle.ones_like(layer._variance), output=layer._variance)
             model.train()
             for batch in loader:
-                x = _batch_input(batch)
+                x = _batch_input(batch, layers[0]._mean.place)
                 size = int(x.shape[0])
                 for layer in layers:
                     layer._momentum = seen / (seen + size)
@@ -397,9 +449,12 @@ def _all_reduce_statistics(stats, seen, failed):
     return total, failures > int(failed)
 
 
-def _batch_input(batch):
+def _batch_input(batch, place):
+    """A batch's input as a tensor on `place` (the refreshed model's: an average kept on
+    another device than the data is refreshed where it is)."""
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x)
+    x = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x, place=place)
+    return x if str(x.place) == str(place) else x.to(place)
 
 
 @contextlib.contextmanager
@@ -568,7 +623,20 @@ def _lerp_each(pairs, alpha):
 
 def _copy_each(pairs):
     for avg, new in pairs:
-        _assign(avg, new)
+        _assign(avg, new if str(new.place) == str(avg.place) else new.to(avg.place))
+
+
+def _moved(pairs):
+    """`pairs` with the model's tensors brought to the average's device where they are on
+    another: in float32, one transfer for them all (one buffer concatenated on their device,
+    copied across, then split into views)."""
+    across = [(avg, new) for avg, new in pairs if str(avg.place) != str(new.place)]
+    if not across:
+        return pairs
+    flat = paddle.concat([_as_float32(new).reshape([-1]) for _, new in across])
+    views = paddle.split(flat.to(across[0][0].place), [int(np.prod(new.shape)) for _, new in across])
+    moved = {id(avg): view.reshape(avg.shape) for (avg, _), view in zip(across, views)}
+    return [(avg, moved.get(id(avg), new)) for avg, new in pairs]
 
 
 def _tensors(model):
@@ -589,13 +657,14 @@ class _Pairs:
     `still_holds` tells cheaply whether the pairing is still right: the same tensor objects,
     in the same places, with the same storage and dtypes."""
 
-    def __init__(self, average, model, average_statistics, fast=False, keep_scratch=False):
+    def __init__(self, average, model, average_statistics, fast=False, keep_scratch=False,
+                 other_place=False):
         targets = dict(_named_tensors(average))
         statistics = _statistic_ids(model)
         self.averaged, self.copied = [], []
         for name, new in _named_tensors(model):
             avg = targets.pop(name, None)
-            _check_fits(name, avg, new)
+            _check_fits(name, avg, new, other_place)
             if not (avg.is_floating_point() and new.is_floating_point()):
                 self.copied.append((avg, new))
             elif id(new) in statistics and not average_statistics:
@@ -622,7 +691,7 @@ class _Pairs:
         return self._signature(average, model) == self.signature
 
 
-def _check_fits(name, avg, new):
+def _check_fits(name, avg, new, other_place=False):
     if avg is None:
         raise ValueError(f"the model has {name}, which the average has not: the "
                          "architecture changed since the average was made; make a new one")
@@ -630,10 +699,10 @@ def _check_fits(name, avg, new):
         raise ValueError(f"the model's {name} has shape {list(new.shape)}, the average's "
                          f"{list(avg.shape)}: the architecture changed since the average "
                          "was made; make a new one")
-    if str(avg.place) != str(new.place):
+    if str(avg.place) != str(new.place) and not other_place:
         raise ValueError(f"the model's {name} is on {new.place}, the average's on "
-                         f"{avg.place}: move the average too (swa.model.to(...)) or make "
-                         "the average after moving the model")
+                         f"{avg.place}: move the average too (swa.model.to(...)), make "
+                         "the average after moving the model, or give SWA(..., device=...)")
 
 
 # --------------------------------------------------------------------------- the fast path

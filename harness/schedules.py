@@ -4,6 +4,7 @@
     [0.1, 0.08486024844720498, 0.05]
 """
 import math
+import numbers
 
 
 def is_swa_epoch(epoch, swa_start, swa_c_epochs=1):
@@ -140,3 +141,100 @@ def anneal_lr(t, lr_start, lr_end, strategy="cos"):
     t = min(max(t, 0.0), 1.0)
     shape = t if strategy == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
     return (1.0 - shape) * lr_start + shape * lr_end
+
+
+class SWASchedule:
+    """When a fit averages and at what rates it trains: the fit callback's schedule, a pure
+    function of where training is (1-based epochs for `swa_start`, as `is_swa_epoch`).
+
+    Args:
+        swa_start: the first averaged epoch (0: from the start), or a fraction f in (0, 1)
+            of the fit's epochs E: then int(f * E), as Lightning's swa_epoch_start counts
+            (0.8 of 10 epochs: the SWA rate from epoch 8, three models averaged, here those
+            at the ends of epochs 8, 9 and 10).
+        swa_lr: the SWA rate, one for all parameter groups or a list of one per group; None
+            leaves the rates alone.
+        swa_freq: average every swa_freq epochs (the cycle length with "cyclic").
+        kind: "constant": the initial rates until swa_start, then swa_lr, reached after
+            `anneal_epochs` as torch's SWALR stepped once per epoch (the k-th averaged epoch,
+            k = 0, 1, ..., trains at anneal_lr(k / anneal_epochs), so the first at the
+            initial rate); "cyclic": `cyclic_lr` per batch.
+        anneal_epochs, anneal_strategy: see `kind` and `anneal_lr`.
+
+    Example:
+        >>> schedule = SWASchedule(3, 0.02, anneal_epochs=2, anneal_strategy="linear")
+        >>> [schedule.rates(epoch, 0, 4, [0.1])[0] for epoch in (1, 2, 4)]   # 0-based epochs
+        [0.1, 0.1, 0.02]
+    """
+
+    def __init__(self, swa_start, swa_lr=None, swa_freq=1, kind="constant", anneal_epochs=0,
+                 anneal_strategy="cos"):
+        self.swa_start, self.swa_lr = _check_start(swa_start), _check_rates(swa_lr)
+        self.swa_freq = check_count("swa_freq", swa_freq, minimum=1)
+        self.anneal_epochs = check_count("anneal_epochs", anneal_epochs, minimum=0)
+        if kind not in ("constant", "cyclic"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cyclic', not {kind!r}")
+        if kind == "cyclic" and swa_lr is None:
+            raise ValueError("lr_schedule='cyclic' needs swa_lr (the rate at the end of a cycle)")
+        if self.anneal_epochs and (kind != "constant" or swa_lr is None):
+            raise ValueError("anneal_epochs anneals into a constant swa_lr: give swa_lr and "
+                             "lr_schedule='constant'")
+        anneal_lr(0.0, 1.0, 1.0, anneal_strategy)  # refuses an unknown strategy
+        self.kind, self.anneal_strategy = kind, anneal_strategy
+
+    def first_epoch(self, epochs):
+        """The first averaged (1-based) epoch of a fit of `epochs` epochs."""
+        return int(self.swa_start * epochs) if isinstance(self.swa_start, float) else self.swa_start
+
+    def swa_rates(self, groups):
+        return list(self.swa_lr) if isinstance(self.swa_lr, list) else [self.swa_lr] * groups
+
+    def rates(self, epoch, step, steps, initial, swa_start=None):
+        """Each group's rate at batch `step` (of `steps`) of 0-based `epoch`; `initial`: the
+        groups' initial rates; `swa_start`: the resolved first averaged epoch."""
+        start = self.swa_start if swa_start is None else swa_start
+        if self.swa_lr is None:
+            return list(initial)
+        ends = self.swa_rates(len(initial))
+        if self.kind == "cyclic":
+            if epoch < start - self.swa_freq:
+                return list(initial)
+            return [cyclic_lr(epoch, step, steps, a, b, start, self.swa_freq)
+                    for a, b in zip(initial, ends)]
+        into = epoch + 1 - start  # 0 at the first averaged epoch
+        if into < 0:
+            return list(initial)
+        if into < self.anneal_epochs:
+            return [anneal_lr(into / self.anneal_epochs, a, b, self.anneal_strategy)
+                    for a, b in zip(initial, ends)]
+        return ends
+
+
+def _check_start(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"swa_start must be an epoch number or a fraction in (0, 1), got {value!r}")
+    if value < 0:
+        raise ValueError(f"swa_start must be >= 0, got {value}")
+    if 0 < value < 1:
+        return float(value)
+    if value != int(value):
+        raise ValueError(f"swa_start={value}: give a whole epoch number or a fraction in (0, 1)")
+    return int(value)
+
+
+def check_count(name, value, minimum):
+    """`value` as an int if it is a whole number >= minimum; ValueError naming `name` if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_rates(value):
+    if value is None:
+        return None
+    rates = list(value) if isinstance(value, (list, tuple)) else [value]
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) \
+                or rate <= 0:
+            raise ValueError(f"swa_lr must be > 0 (one rate, or one per parameter group), got {value!r}")
+    return [float(r) for r in rates] if isinstance(value, (list, tuple)) else float(value)

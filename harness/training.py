@@ -109,8 +109,9 @@ class Run:
 
     def local_statistics(self):
         """The BatchNorm statistics that differ between ranks mid-epoch: the SGD model's, and
-        an EMA's (updated from them every step); both are synchronised at epoch ends."""
-        models_ = [self.model] + ([self.swa.model] if self.average == "ema" else [])
+        an EMA's once it is updated (from them, every step); both are synchronised at epoch
+        ends. (A checkpoint's list is restored after its average, so the two lists agree.)"""
+        models_ = [self.model] + ([self.swa.model] if self.average == "ema" and self.swa.n else [])
         return [t for m in models_ for t in utils.batch_norm_statistics(m)]
 
     def save(self, epoch, step=0, partial=None):
@@ -196,7 +197,7 @@ def build_average(args, model):
         return None
     if args.swag:
         return utils.SWAG(model, max_rank=args.swag_rank)
-    return utils.SWA(model, ema_decay=args.ema_decay)
+    return utils.SWA(model, ema_decay=args.ema_decay, ema_warmup=args.ema_warmup)
 
 
 def build_run(args, env, plan, device, ckpt=None):
@@ -272,7 +273,8 @@ def open_run(run, plan, epoch, command, identity):
 
 def describe(run, device, cpu):
     args, env, ds = run.args, run.env, run.ds
-    kind = {"swa": "; SWA", "ema": f"; EMA (decay {args.ema_decay})", None: "; SGD"}[run.average]
+    ema = f"; EMA (decay {args.ema_decay}{', warmed up' if args.ema_warmup else ''})"
+    kind = {"swa": "; SWA", "ema": ema, None: "; SGD"}[run.average]
     return (f"{args.model} on {ds.name} ({len(ds.train)} train / {len(ds.test)} test), {device}"
             + (f", {cpu}" if cpu else "") + f"; batch {args.batch_size} per step"
             + (f" = {env.world_size} processes x {args.batch_size // env.world_size}"

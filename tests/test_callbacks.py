@@ -10,6 +10,7 @@ from harness import checkpoints
 from harness import data
 import models
 from harness import schedules
+import utils
 
 
 def _digit_batches():
@@ -225,18 +226,39 @@ def test_fit_save_load_fit_equals_one_uninterrupted_fit(tmp_path):
 
 # --------------------------------------------------------------------------- rates
 
-def test_constant_rate_with_cosine_annealing_matches_hand_computed_rates():
-    runs, _ = _rates_fit(6, swa_start=3, swa_lr=0.02, anneal_epochs=2, anneal_strategy="cos")
-    per_epoch = [runs[0][4 * e][0] for e in range(6)]
-    halfway = 0.02 + (0.1 - 0.02) * (1 + math.cos(math.pi * 0.5)) / 2
-    assert per_epoch == pytest.approx([0.1, 0.1, halfway, 0.02, 0.02, 0.02], rel=1e-5)
+def _swalr_rates(lr, swa_lr, anneal_epochs, strategy, epochs):
+    """torch.optim.swa_utils.SWALR's rates, stepped once per epoch (as Lightning steps it),
+    written out from its get_lr: the rate of each epoch from the one it starts at."""
+    shape = (lambda t: t) if strategy == "linear" else (lambda t: (1 - math.cos(math.pi * t)) / 2)
+    rates = []
+    for step in range(epochs):
+        step = max(1, step) if anneal_epochs == 0 else step
+        before = shape(max(0.0, min(1.0, (step - 1) / max(1, anneal_epochs))))
+        initial = swa_lr if before == 1 else (lr - before * swa_lr) / (1 - before)
+        alpha = shape(max(0.0, min(1.0, step / max(1, anneal_epochs))))
+        lr = swa_lr * alpha + initial * (1 - alpha)
+        rates.append(lr)
+    return rates
+
+
+@pytest.mark.parametrize("anneal_epochs, strategy", [(0, "cos"), (1, "cos"), (2, "cos"), (3, "linear")])
+def test_annealing_gives_torch_swalr_rates_stepped_per_epoch(anneal_epochs, strategy):
+    runs, _ = _rates_fit(7, swa_start=3, swa_lr=0.02, anneal_epochs=anneal_epochs,
+                         anneal_strategy=strategy)
+    per_epoch = [runs[0][4 * e][0] for e in range(7)]
+    expected = [0.1, 0.1] + _swalr_rates(0.1, 0.02, anneal_epochs, strategy, 5)
+    assert per_epoch == pytest.approx(expected, rel=1e-5)
     assert all(rates[0] == pytest.approx(per_epoch[i // 4], rel=1e-5) for i, rates in enumerate(runs[0]))
 
 
 def test_fractional_start_counts_like_lightning():
+    # Lightning: swa_epoch_start=0.8 of max_epochs=10 is int(0.8 * 10) = 8, its 0-based
+    # swa_start max(8 - 1, 0) = 7: SWALR from the 8th epoch on, epochs 7..9 (0-based) averaged.
+    first = max(int(0.8 * 10) - 1, 0)
     runs, swa = _rates_fit(10, swa_start=0.8, swa_lr=0.02)
-    assert [runs[0][4 * e][0] for e in range(10)] == pytest.approx([0.1] * 8 + [0.02] * 2, rel=1e-5)
-    assert swa.swa.n == 2  # epochs 9 and 10
+    assert [runs[0][4 * e][0] for e in range(10)] == pytest.approx(
+        [0.1] * first + [0.02] * (10 - first), rel=1e-5)
+    assert swa.swa.n == 10 - first == 3
 
 
 def _drive(swa, groups, epochs, steps=4):
@@ -327,3 +349,182 @@ def test_a_start_beyond_the_fit_is_refused_before_training():
         np.testing.assert_array_equal(value, before[key])
     with pytest.raises(ValueError, match="bn_data"):
         _fit(1, bn_data=None, swa_start=1)
+
+
+# --------------------------------------------------------------------------- as the peers do
+
+class Samples(paddle.io.Dataset):
+    """The digits batches as a Dataset of single samples (in order)."""
+
+    def __init__(self, batches):
+        self.x = np.concatenate([x for x, _ in batches])
+        self.y = np.concatenate([y for _, y in batches])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _in_batches(dataset, size):
+    return [[dataset.x[i:i + size], dataset.y[i:i + size]] for i in range(0, len(dataset), size)]
+
+
+@pytest.mark.parametrize("as_loader", [False, True])
+def test_a_dataset_for_the_refresh_is_batched_as_training_was(as_loader):
+    samples = Samples(BATCHES[:4])
+    train = paddle.io.DataLoader(samples, batch_size=24) if as_loader else samples
+    model = _model(_cnn())
+    swa = callbacks.SWACallback(swa_start=2, swa_lr=0.02, bn_data=samples)
+    recorder = Recorder()
+    model.fit(train, batch_size=None if as_loader else 24, epochs=2, verbose=0, shuffle=False,
+              callbacks=[swa, recorder])
+    reference = models.build("SimpleCNN", 10, 1)
+    checkpoints.load_weights(reference, recorder.epochs[-1])  # one model averaged: epoch 2
+    final = _state(model.network)
+    for key, (mean, variance) in _batch_norm_inputs_statistics(reference, _in_batches(samples, 24)).items():
+        np.testing.assert_allclose(final[key + "._variance"], variance, rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
+
+
+def _ema_reference(snapshots, decay):
+    expected = None
+    for snapshot in snapshots:
+        expected = dict(snapshot) if expected is None else \
+            {k: decay * expected[k] + (1 - decay) * snapshot[k] for k in snapshot}
+    return expected
+
+
+def test_an_ema_with_accumulated_gradients_updates_once_per_optimizer_step():
+    model = _model(_cnn())
+    swa = callbacks.SWACallback(swa_start=1, ema_decay=0.7, bn_data=False)
+    recorder = Recorder()
+    model.fit(BATCHES, epochs=1, verbose=0, accumulate_grad_batches=2, callbacks=[swa, recorder])
+    steps = len(BATCHES)
+    stepped = [recorder.batches[i] for i in range(steps) if (i + 1) % 2 == 0 or i + 1 == steps]
+    assert swa.swa.n == len(stepped) == 6
+    expected = _ema_reference(stepped, 0.7)
+    for key, value in _state(model.network).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_ema_every_n_steps_from_a_step_as_lightning_counts():
+    model = _model(_cnn())
+    swa = callbacks.SWACallback(swa_start=0, ema_decay=0.5, ema_every_n_steps=3, ema_start_step=4,
+                                bn_data=False)
+    recorder = Recorder()
+    model.fit(BATCHES, epochs=1, verbose=0, callbacks=[swa, recorder])
+    # Lightning's EMAWeightAveraging.should_update(step_idx): step_idx >= start and
+    # step_idx % every == 0, with step_idx the 0-based index of the optimizer step just taken
+    chosen = [s for i, s in enumerate(recorder.batches) if i >= 4 and i % 3 == 0]
+    assert swa.swa.n == len(chosen) == 2  # optimizer steps 6 and 9 of 12
+    expected = _ema_reference(chosen, 0.5)
+    np.testing.assert_allclose(_state(model.network)["fc.weight"], expected["fc.weight"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ema_warmup_follows_timms_decay():
+    model = models.build("SimpleCNN", 10, 1)
+    ema = utils.SWA(model, ema_decay=0.9, ema_warmup=True, min_decay=0.2)
+    rng = np.random.default_rng(3)
+    expected = None
+    for step in range(1, 9):  # timm's ModelEmaV3.get_decay(step), step = updates so far + 1
+        with paddle.no_grad():
+            for p in model.parameters():
+                p.set_value(rng.standard_normal(p.shape).astype("float32"))
+        weights = _state(model)
+        k = max(0, step - 0 - 1)
+        decay = 0.0 if k <= 0 else max(min(1 - (1 + k / 1.0) ** (-2 / 3), 0.9), 0.2)
+        expected = weights if expected is None else \
+            {n: decay * expected[n] + (1 - decay) * weights[n] for n in weights}
+        ema.update(model)
+    for key, value in _state(ema.model).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+class EvalSpy(paddle.callbacks.Callback):
+    """What the network holds when fit evaluates, and the average at that moment."""
+
+    def __init__(self, swa):
+        super().__init__()
+        self.swa, self.seen = swa, []
+
+    def on_eval_begin(self, logs=None):
+        self.seen.append((_state(self.model.network), _state(self.swa.swa.model)))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(_state(self.model.network))
+
+
+def test_fit_evaluates_the_ema_and_trains_on_from_the_sgd_weights():
+    model = _model(_cnn())
+    swa = callbacks.SWACallback(swa_start=1, ema_decay=0.7, bn_data=False)
+    recorder, spy = Recorder(), EvalSpy(swa)
+    model.fit(BATCHES, eval_data=BATCHES[:2], epochs=2, verbose=0, callbacks=[swa, recorder, spy])
+    evaluated, average = spy.seen[1]  # epoch 1 begins, then its evaluation
+    for key in evaluated:
+        np.testing.assert_array_equal(evaluated[key], average[key], err_msg=key)
+    assert not np.array_equal(evaluated["fc.weight"], recorder.epochs[0]["fc.weight"])
+    for key, value in spy.seen[2].items():  # epoch 2 begins with the SGD weights again
+        np.testing.assert_array_equal(value, recorder.epochs[0][key], err_msg=key)
+
+
+def test_an_average_of_nothing_is_refused_or_said():
+    model = models.build("SimpleCNN", 10, 1)
+    swa = utils.SWA(model)
+    with pytest.raises(ValueError, match="0 updates"):
+        swa.bn_update(BATCHES)
+    with pytest.warns(UserWarning, match="0 updates"):
+        swa.model
+    with pytest.warns(UserWarning, match="before any model was averaged"):
+        fitted, _, recorder = _fit(4, swa_start=3, swa_lr=0.02, extra=[StopAfter(1)])
+    for key, value in _state(fitted.network).items():
+        np.testing.assert_array_equal(value, recorder.epochs[0][key], err_msg=key)
+
+
+class BeginSpy(paddle.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.weights = _state(self.model.network)
+
+
+def test_a_fit_resumed_from_the_final_checkpoint_trains_on_from_the_sgd_weights(tmp_path):
+    with paddle.utils.unique_name.guard():
+        first = _model(_cnn())
+        swa = callbacks.SWACallback(swa_start=1, swa_lr=0.02, bn_data=BATCHES)
+        first.fit(BATCHES, epochs=2, verbose=0, save_dir=str(tmp_path), callbacks=[swa])
+    sgd = {k: v.numpy() for k, v in swa.sgd_state.items()}
+    final = paddle.load(str(tmp_path / "final.pdparams"))
+    np.testing.assert_array_equal(final["fc.weight"].numpy(), first.network.fc.weight.numpy())
+    with paddle.utils.unique_name.guard():
+        second = _model(models.build("SimpleCNN", 10, 1))
+        again, spy = callbacks.SWACallback(swa_start=1, swa_lr=0.02, bn_data=BATCHES), BeginSpy()
+        again.set_model(second)
+        second.load(str(tmp_path / "final"))
+        second.fit(BATCHES, epochs=1, verbose=0, callbacks=[again, spy])
+    for key, value in spy.weights.items():
+        np.testing.assert_array_equal(value, sgd[key], err_msg=key)
+    assert again.swa.n == 3
+
+
+def test_the_users_rates_are_read_afresh_at_each_fit_and_a_failed_fit_is_not_taken_for_them():
+    net = SumNet()
+    swa = callbacks.SWACallback(swa_start=1, swa_lr=0.02)
+    model = paddle.Model(net)
+    optimizer = paddle.optimizer.SGD(0.1, parameters=net.parameters())
+    model.prepare(optimizer, lambda out, label: out.sum())
+    model.fit(Unsized(), epochs=1, verbose=0, callbacks=[swa])
+    assert optimizer.get_lr() == pytest.approx(0.1)
+    optimizer.set_lr(0.5)  # the user's new rate for the next fit
+    model.fit(Unsized(), epochs=1, verbose=0, callbacks=[swa])
+    assert optimizer.get_lr() == pytest.approx(0.5)
+
+    class Fails(paddle.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):  # fit stops at the SWA rate, before putting 0.5 back
+        model.fit(Unsized(), epochs=1, verbose=0, callbacks=[swa, Fails()])
+    assert optimizer.get_lr() == pytest.approx(0.02)
+    model.fit(Unsized(), epochs=1, verbose=0, callbacks=[swa])
+    assert optimizer.get_lr() == pytest.approx(0.5)

@@ -22,7 +22,8 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-VARIANTS = {"swa": [], "swag": ["--swag", "--swag_rank", "2"], "ema": ["--ema_decay", "0.9"]}
+VARIANTS = {"swa": [], "swag": ["--swag", "--swag_rank", "2"],
+            "ema": ["--ema_decay", "0.9", "--ema_warmup"]}  # the warm-up's decay depends on the count
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,11 @@ def finished(tmp_path_factory):
         result = run_main(train.main, *RUN, *extra, "--dir", base / name)
         assert result.returncode == 0, result.stderr[-2000:]
     return base
+
+
+def test_the_ema_run_is_warmed_up_as_asked(finished):
+    ckpt = checkpoints.load_checkpoint(str(finished / "ema" / "checkpoint-4.pdparams"))
+    assert ckpt["swa_ema_decay"] == 0.9 and ckpt["swa_ema_warmup"] == [1.0, 2 / 3, 0.0]
 
 
 @pytest.fixture(scope="module")
