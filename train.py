@@ -29,13 +29,13 @@ EXAMPLES = """examples:
 # change on resume (--epochs only upward); so may the number of processes, at an epoch end.
 IDENTITY = ("model", "dataset", "seed", "batch_size", "label_noise", "normalization", "lr_init",
             "momentum", "wd", "lr_schedule", "swa", "swa_start", "swa_lr", "swa_c_epochs",
-            "ema_decay", "ema_warmup", "swag", "swag_rank")
+            "ema_decay", "ema_warmup", "swag", "swag_rank", "val_size", "amp", "amp_dtype")
 MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--data_path",
               "--num_workers", "--no_download", "--no_visualdl", "--init", "--device", "--threads",
               "the number of processes (at an epoch's end)")
 # Values of flags newer than a checkpoint, as the code that wrote it behaved.
 LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
-          "normalization": "dataset"}
+          "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16"}
 
 
 
@@ -83,6 +83,10 @@ def build_parser():
     data.add_argument("--label_noise", type=cli.number(float, 0, 1, high_open=True), default=0.0,
                       metavar="P", help="give this fraction of training labels another class, at "
                                         "random (fixed by --seed); the test set is untouched (default: 0)")
+    data.add_argument("--val_size", type=cli.NON_NEGATIVE_INT, default=0, metavar="N",
+                      help="hold out N training images (chosen by --seed, stratified by class) and "
+                           "report them per epoch as val_* instead of the test set, which is "
+                           "evaluated once at the end; 0 keeps all for training (default: 0)")
     data.add_argument("--no_download", action="store_true",
                       help="never try Paddle's download when dataset files are missing (default: off)")
 
@@ -130,7 +134,15 @@ def build_parser():
                           "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
                           "Ignored when --resume finds a checkpoint (default: None)")
 
-    cli.add_hardware_flags(p.add_argument_group("hardware"))
+    hardware = p.add_argument_group("hardware")
+    cli.add_hardware_flags(hardware)
+    hardware.add_argument("--amp", choices=["O1", "O2"],
+                          help="mixed precision on a GPU: O1 runs the forward pass in half "
+                               "precision where safe, O2 keeps half-precision weights with "
+                               "float32 master weights; float16 uses dynamic loss scaling, its "
+                               "skipped steps counted (default: None, float32)")
+    hardware.add_argument("--amp_dtype", choices=["float16", "bfloat16"], default="float16",
+                          help="the half-precision type of --amp (default: float16)")
     return p
 
 
@@ -188,7 +200,7 @@ def train_loop(run, start, stop):
     average, evaluate when due, save when due, record. Returns the exit code."""
     args, swa = run.args, run.swa
     steps = len(run.train_batches)
-    run.log(report.format_row({}, report.columns(run.average), header=True))
+    run.log(report.format_row({}, run.columns, header=True))
     for epoch in range(start.epoch, args.epochs):
         started = time.time()
         lr_at = lambda step: schedules.learning_rate(  # noqa: E731
@@ -198,17 +210,18 @@ def train_loop(run, start, stop):
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
         row = {"ep": epoch + 1, "lr": lr_at(0), "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
+               "skipped": tr["skipped"],
                "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
         synchronise(run)
         evaluate = training.evaluation_epoch(epoch, args.eval_freq, args.epochs)
         if evaluate:
-            row.update(training.test_columns(run, run.model))
+            row.update(training.eval_columns(run, run.model))
         averaged = averaging_epoch(run, epoch)
         if run.average == "swa" and averaged:
             swa.update(run.model)
         if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
             swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
-            row.update(training.test_columns(run, swa.model, run.average))
+            row.update(training.eval_columns(run, swa.model, run.average))
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
@@ -217,7 +230,20 @@ def train_loop(run, start, stop):
         if stopping and epoch + 1 < args.epochs:
             return run.interrupted(epoch + 1, 0, None, stop.signal or signal.SIGTERM)
         start = training.Start(epoch + 1)
+    if run.val_batches:
+        test_once(run)
     return 0
+
+
+def test_once(run):
+    """With a validation split: the test set, evaluated once, after the last epoch."""
+    scores = [("SGD", training.eval_columns(run, run.model, split="te"))]
+    if run.swa and run.swa.n:
+        scores.append((report.AVERAGES[run.average],
+                       training.eval_columns(run, run.swa.model, run.average, split="te")))
+    run.log(f"test set ({len(run.ds.test)} images): " + "; ".join(
+        f"{name} loss {values[next(k for k in values if k.endswith('loss'))]:.4f} acc "
+        f"{values[next(k for k in values if k.endswith('acc'))]:.4f}" for name, values in scores))
 
 
 def averaging_epoch(run, epoch):
@@ -248,11 +274,15 @@ def train_epoch(run, epoch, start, lr_at, stop):
             run.train_batches(epoch, start.step), run.net, run.optimizer, lr_at,
             lambda step: training.step_seed(args.seed, env.rank, epoch, step), start.step,
             average=ema, sync_every=run.sync_every, on_sync=on_sync, context=run.context,
-            totals=start.partial)
+            totals=start.partial, amp=run.amp)
     except engine.NonFiniteLoss as e:
         raise errors.Diverged(f"loss became {e.value} at epoch {epoch + 1} step "
                               f"{start.step + e.step + 1}; training stopped and the checkpoints "
                               "in --dir are those saved before; lower --lr_init or --swa_lr") from None
+    except engine.ScaleCollapsed as e:
+        raise errors.RunFailed(f"{e} at epoch {epoch + 1}: float16 gradients overflow at any "
+                               "scale; training stopped and the checkpoints in --dir are those "
+                               "saved before; use --amp_dtype bfloat16 or lower --lr_init") from None
     finally:
         if run.progress:
             run.progress.clear()

@@ -182,6 +182,8 @@ def rebuild(ckpt, path, model_name=None, dataset=None, data_path=None, batch_siz
         runtime.tune_cpu(threads, model_name)
     ds = datasets.load_dataset(dataset, data_path or saved.get("data_path", "data"),
                                download=not saved.get("no_download", False))
+    if saved.get("val_size"):  # trained on what the validation split left
+        ds = datasets.split_validation(ds, saved["val_size"], saved.get("seed", 1))
     norm = ckpt.get("normalization")
     if norm and len(norm["mean"]) == ds.image_shape[0]:
         ds = dataclasses.replace(ds, mean=np.array(norm["mean"], np.float32),

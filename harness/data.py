@@ -11,6 +11,7 @@ epoch are a pure function of (seed, epoch): an interrupted epoch can be resumed 
 batch, and sharding over processes does not change what a sample looks like.
 """
 import contextlib
+import dataclasses
 import gzip
 import io
 import os
@@ -54,6 +55,7 @@ class Data:
     mean: np.ndarray     # per channel, of the training images scaled to [0, 1]
     std: np.ndarray
     augment: Augment
+    val: ArrayDataset | None = None   # held out of the training set by `split_validation`
 
     @property
     def image_shape(self):
@@ -314,6 +316,38 @@ def load_dataset(name, data_path="data", download=True):
         train, test, classes = _load_digits()
     mean, std = channel_statistics(train.images)
     return Data(name, train, test, classes, mean, std, AUGMENT[name])
+
+
+def split_validation(ds, size, seed):
+    """`ds` with `size` training images held out as `ds.val`: chosen at random from `seed` (so
+    the same on every process and on resume), stratified by class (each class gives its share
+    of `size`, rounded by largest remainder), the rest kept in their order as `ds.train`, whose
+    normalisation statistics are recomputed without the held-out images.
+
+    Raises:
+        DataError: `size` leaves no training image of some class, or none at all.
+    """
+    labels = ds.train.labels
+    if size >= len(labels):
+        raise errors.DataError(f"--val_size {size} is not below the {len(labels)} training images "
+                               f"of {ds.name}; hold out fewer")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(labels)
+    share = np.floor(quota).astype(np.int64)
+    share[np.argsort(-(quota - share), kind="stable")[:size - share.sum()]] += 1
+    if np.any(share >= counts):
+        c = classes[np.argmax(share >= counts)]
+        raise errors.DataError(f"--val_size {size} would leave no training image of class {c} "
+                               f"of {ds.name}; hold out fewer")
+    rng = np.random.default_rng([seed, 104729])  # a stream of its own, apart from batch order
+    held = np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False)
+                           for c, n in zip(classes, share)])
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    held = np.sort(held)
+    train = ArrayDataset(ds.train.images[keep], labels[keep])
+    mean, std = channel_statistics(train.images)
+    return dataclasses.replace(ds, train=train, val=ArrayDataset(ds.train.images[held], labels[held]),
+                               mean=mean, std=std)
 
 
 def with_label_noise(dataset, fraction, num_classes, seed):

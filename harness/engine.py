@@ -6,6 +6,8 @@
 A pass reads the loss and the number of correct predictions back from the device only every
 `sync_every` steps, in one copy: on a GPU a read per step stalls the queue of work.
 """
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -24,7 +26,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=None,
-               sync_every=1, on_sync=None, context=None, totals=None):
+               sync_every=1, on_sync=None, context=None, totals=None, amp=None):
     """SGD over `batches` (cross-entropy, model.train(), one optimizer step per batch).
 
     Before batch `step` (counted from `first_step`) the rate is set to `lr_at(step)` and
@@ -48,6 +50,8 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
         context: a runtime.Distributed for data-parallel runs (None: one process); its ranks
             agree at every read (stop, non-finite loss) and the sums are all-reduced.
         totals: sums of an interrupted pass to continue from (`local` of its result).
+        amp: a `MixedPrecision`: the forward pass under its autocast, the step through its
+            loss scaler; steps it skips (gradients overflowed) are counted in `skipped`.
 
     Returns:
         The sums and means as `Sums.result` gives them; `steps` is the batches run here
@@ -60,8 +64,9 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
     for i, (x, y) in enumerate(batches):
         optimizer.set_lr(lr_at(first_step + i))
         paddle.seed(seed_at(first_step + i))
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with amp.autocast() if amp else contextlib.nullcontext():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         sums.add(loss, logits, y)
         stop = False
         if (i + 1) % sync_every == 0:
@@ -72,8 +77,11 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
                 bad = bad or ((i, "non-finite on another rank") if any_bad else None)
             if bad is not None:
                 raise NonFiniteLoss(*bad)
-        loss.backward()
-        optimizer.step()
+        if amp:
+            sums.totals["skipped"] += amp.step(loss, optimizer)
+        else:
+            loss.backward()
+            optimizer.step()
         optimizer.clear_grad()
         if average is not None:
             average.update(model)
@@ -89,19 +97,21 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
     return sums.result(steps, context)
 
 
-def evaluate_pass(batches, model, context=None, keep_logits=False):
+def evaluate_pass(batches, model, context=None, keep_logits=False, amp=None):
     """Loss and accuracy of `model` (model.eval(), no gradients) over `batches` of `(x, y)`.
 
     With `context` (data-parallel) the sums are all-reduced, so every rank returns the metrics
     over all ranks' batches. keep_logits: also return this process's `logits` and `labels`
-    as numpy arrays.
+    as numpy arrays. amp: a `MixedPrecision` whose autocast the forward pass runs under.
     """
     model.eval()
     sums, kept, steps = Sums(), [], 0
     with paddle.no_grad():
         for x, y in batches:
-            logits = model(x)
-            sums.add(F.cross_entropy(logits, y), logits, y)
+            with amp.autocast() if amp else contextlib.nullcontext():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            sums.add(loss, logits, y)
             if keep_logits:
                 kept.append((logits.detach(), y.reshape([-1])))
             steps += 1
@@ -118,9 +128,9 @@ class Sums:
     read every step) and read from the device a batch of steps at a time."""
 
     def __init__(self, totals=None):
-        self.totals = dict(loss_sum=0.0, correct=0, count=0)
+        self.totals = dict(loss_sum=0.0, correct=0, count=0, skipped=0)
         if totals:
-            self.totals.update({key: totals[key] for key in self.totals})
+            self.totals.update({key: totals.get(key, 0) for key in self.totals})
         self.pending = []
 
     def add(self, loss, logits, y):
@@ -150,13 +160,15 @@ class Sums:
 
     def result(self, steps, context=None):
         """dict with `loss` (mean cross-entropy), `accuracy` (percent), `count`, `steps`, the
-        raw sums `loss_sum`, `correct` (over all ranks with `context`) and `local` (this
-        rank's sums, which `train_pass(totals=...)` takes)."""
+        raw sums `loss_sum`, `correct` (over all ranks with `context`), `skipped` (optimizer
+        steps the loss scaler skipped: the same on every rank, whose gradients are shared) and
+        `local` (this rank's sums, which `train_pass(totals=...)` takes)."""
         local, sums = dict(self.totals), dict(self.totals)
         if context is not None and context.world_size > 1:
             loss_sum, correct, count = context.all_reduce_sum([sums["loss_sum"], sums["correct"],
                                                                sums["count"]])
-            sums = dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)))
+            sums = dict(loss_sum=loss_sum, correct=int(round(correct)), count=int(round(count)),
+                        skipped=sums["skipped"])
         count = max(sums["count"], 1)
         return dict(sums, loss=sums["loss_sum"] / count, accuracy=100.0 * sums["correct"] / count,
                     steps=steps, local=local)
@@ -174,3 +186,60 @@ def sync_bn_statistics(model, context):
         with paddle.no_grad():
             for t, s in zip(stats, context.all_reduce_sum(stats)):
                 paddle.assign((s / context.world_size).astype(t.dtype), output=t)
+
+
+class ScaleCollapsed(FloatingPointError):
+    """The float16 loss scale fell below `MixedPrecision.SCALE_FLOOR`: every step overflows."""
+
+
+class MixedPrecision:
+    """Automatic mixed precision for a training pass: the forward pass under paddle.amp's
+    autocast at `level` ("O1", "O2") and `dtype`, and for float16 a GradScaler with dynamic
+    loss scaling (bfloat16 has float32's range and needs none).
+
+    `step` scales the loss, steps the optimizer unless the gradients overflowed, updates the
+    scale and says whether the step was skipped, read from the scaler's public state: after a
+    skipped step its count of good steps is 0 and its scale did not grow. A scale below
+    SCALE_FLOOR raises ScaleCollapsed.
+    """
+
+    SCALE_FLOOR = 2.0 ** -20
+
+    def __init__(self, level, dtype="float16"):
+        self.level, self.dtype = level, dtype
+        self.scaler = paddle.amp.GradScaler() if dtype == "float16" else None
+        self.scale = self._state()["scale"] if self.scaler is not None else None
+
+    def autocast(self):
+        return paddle.amp.auto_cast(level=self.level, dtype=self.dtype)
+
+    def _state(self):
+        state = self.scaler.state_dict()
+        return dict(state, scale=float(np.asarray(state["scale"]).reshape(-1)[0]))
+
+    def step(self, loss, optimizer):
+        """Backward and optimizer step; returns 1 if the scaler skipped the step, else 0."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return 0
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        with contextlib.redirect_stdout(io.StringIO()):  # Paddle prints each scale decrease
+            self.scaler.update()
+        state = self._state()
+        skipped = state["incr_count"] == 0 and state["scale"] <= self.scale
+        self.scale = state["scale"]
+        if self.scale < self.SCALE_FLOOR:
+            raise ScaleCollapsed(f"the float16 loss scale fell to {self.scale:.3g}")
+        return int(skipped)
+
+    def state_dict(self):
+        """The scaler's state (scale, good and bad step counts), for a checkpoint; None
+        without a scaler."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state):
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+            self.scale = self._state()["scale"]

@@ -13,16 +13,27 @@ from harness import files
 AVERAGES = {"swa": "SWA", "ema": "EMA"}  # column prefix -> what the average is
 
 
-def columns(average=None):
-    """The table's columns: the average's test columns (`swa_te_*` for SWA, `ema_te_*` for an
-    EMA) only when there is one."""
-    middle = [f"{average}_te_loss", f"{average}_te_acc"] if average else []
-    return ["ep", "lr", "tr_loss", "tr_acc", "te_loss", "te_acc"] + middle + ["time"]
+SPLITS = {"te": "test", "val": "validation"}  # column infix -> the set evaluated each epoch
+
+
+def columns(average=None, split="te", skipped=False):
+    """The table's columns: the SGD model's on `split` (`te_*` test, `val_*` validation), the
+    average's (`swa_te_*` for SWA, `ema_te_*` for an EMA) only when there is one, and the
+    steps the float16 loss scaler skipped (`skipped`) only when there is one."""
+    middle = [f"{average}_{split}_loss", f"{average}_{split}_acc"] if average else []
+    return (["ep", "lr", "tr_loss", "tr_acc", f"{split}_loss", f"{split}_acc"] + middle
+            + (["skipped"] if skipped else []) + ["time"])
+
+
+def split_of(row_keys):
+    """The set a metrics row's evaluation columns are of ('te' or 'val')."""
+    return "val" if "val_acc" in row_keys else "te"
 
 
 def average_kind(row_keys):
     """The prefix of the average whose columns a metrics row has ('swa', 'ema'), or None."""
-    return next((p for p in AVERAGES if f"{p}_te_acc" in row_keys), None)
+    split = split_of(row_keys)
+    return next((p for p in AVERAGES if f"{p}_{split}_acc" in row_keys), None)
 
 
 def format_row(row, columns, header=False):
@@ -32,8 +43,8 @@ def format_row(row, columns, header=False):
         value = column if header else row.get(column)
         if value is None:
             text = ""
-        elif header or column == "ep":
-            text = str(value)
+        elif header or column in ("ep", "skipped"):
+            text = str(int(value)) if not header else str(value)
         elif column == "lr":
             text = f"{value:.4g}"
         elif column == "time":
@@ -143,11 +154,11 @@ class VisualDLLog:
         return f"visualdl --logdir {shlex.quote(self.writer.logdir)}"
 
     def add(self, row):
-        step = row["ep"]
-        average, label = self.average, f"test {AVERAGES[self.average]}"
+        step, split = row["ep"], split_of(row)
+        names = ("train", f"{SPLITS[split]} SGD", f"{SPLITS[split]} {AVERAGES[self.average]}")
         for metric, chart in (("acc", "accuracy"), ("loss", "loss")):
-            keys = (f"tr_{metric}", f"te_{metric}", f"{average}_te_{metric}")
-            values = {name: row[key] for name, key in zip(("train", "test SGD", label), keys)
+            keys = (f"tr_{metric}", f"{split}_{metric}", f"{self.average}_{split}_{metric}")
+            values = {name: row[key] for name, key in zip(names, keys)
                       if row.get(key) is not None}
             self.writer.add_scalars(chart, values, step)
         self.writer.add_scalar("learning rate", row["lr"], step)
@@ -180,9 +191,10 @@ def plot_runs(directories, out):
     for column, directory in enumerate(directories):
         rows = read_metrics(directory)
         top, bottom = axes[0][column], axes[1][column]
+        split = split_of(rows[0].keys() if rows else ())
         average = average_kind(rows[0].keys() if rows else ()) or "swa"
-        for key, label, style in (("te_acc", "SGD", dict(color="tab:blue", marker="o")),
-                                  (f"{average}_te_acc", AVERAGES[average],
+        for key, label, style in ((f"{split}_acc", "SGD", dict(color="tab:blue", marker="o")),
+                                  (f"{average}_{split}_acc", AVERAGES[average],
                                    dict(color="tab:red", marker="s"))):
             points = [(r["ep"], 100.0 - r[key]) for r in rows if r.get(key) is not None]
             if points:
@@ -193,7 +205,7 @@ def plot_runs(directories, out):
             if swa_start is not None:
                 axis.axvline(swa_start, color="gray", linestyle=":", linewidth=1)
         top.set_title(os.path.basename(os.path.normpath(directory)))
-        top.set_ylabel("test error (%)")
+        top.set_ylabel(f"{SPLITS[split]} error (%)")
         top.grid(alpha=0.3)
         top.legend(title=None if swa_start is None else f"averaging from epoch {swa_start}")
         bottom.plot([r["ep"] for r in rows], [r["lr"] for r in rows], color="black", linewidth=1.2)

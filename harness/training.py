@@ -68,11 +68,13 @@ class Run:
     ds: datasets.Data
     train_batches: datasets.Batches
     test_batches: datasets.Batches
+    val_batches: datasets.Batches | None
     model: paddle.nn.Layer          # the SGD model
     net: paddle.nn.Layer            # the model as trained: DataParallel-wrapped when launched
     optimizer: paddle.optimizer.Optimizer
     swa: utils.SWA | None           # the average: SWA's, an EMA, or SWAG (whose mean is SWA)
     plan: rundir.Plan
+    amp: engine.MixedPrecision | None = None
     sync_every: int = 1
     metrics: report.MetricsFile | None = None   # rank 0 only, like the two below
     visualdl: report.VisualDLLog | None = None
@@ -85,6 +87,12 @@ class Run:
         return None if self.swa is None else "ema" if self.args.ema_decay is not None else "swa"
 
     @property
+    def columns(self):
+        """The epoch table's columns (see report.columns)."""
+        return report.columns(self.average, "val" if self.val_batches else "te",
+                              skipped=bool(self.amp and self.amp.scaler))
+
+    @property
     def context(self):
         """The data-parallel job for passes that agree over ranks, or None in one process."""
         return self.env if self.env.enabled else None
@@ -95,7 +103,7 @@ class Run:
 
     def record(self, row):
         """Print the epoch's table row and log it to metrics.csv and VisualDL (rank 0)."""
-        self.log(report.format_row(row, report.columns(self.average)), flush=True)
+        self.log(report.format_row(row, self.columns), flush=True)
         if self.metrics:
             self.metrics.append(row)
         if self.visualdl:
@@ -125,6 +133,7 @@ class Run:
                 self.args.dir, epoch, step, state_dict=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(), **swa, rng=checkpoints.get_rng_state(),
                 rank_state=ranks, args=vars(self.args), run_id=self.plan.run_id,
+                amp_scaler=self.amp.state_dict() if self.amp else None,
                 world_size=self.env.world_size, **checkpoints.setting_of(self.args.model, self.ds))
             if not step:  # step checkpoints before this epoch are superseded
                 for (e, s), old in checkpoints.list_checkpoints(self.args.dir).items():
@@ -142,6 +151,8 @@ class Run:
                 self.swa.set_state_dict(ckpt)
         except (ValueError, KeyError) as e:
             raise errors.CheckpointError(f"cannot resume from {path}: {e}") from None
+        if self.amp:
+            self.amp.load_state_dict(ckpt.get("amp_scaler"))
         if ckpt.get("rng") is not None:
             checkpoints.set_rng_state(ckpt["rng"])
         partial = ckpt.get("partial")
@@ -184,6 +195,8 @@ def load_data(args, env):
     ds = env.together(load, env.rank == 0, download)
     ds = env.together(load, ds is None and env.local_rank == 0, download) or ds
     ds = env.together(load, ds is None, False) or ds
+    if args.val_size:  # before normalising: the statistics are the remaining images'
+        ds = datasets.split_validation(ds, args.val_size, args.seed)
     if args.normalization == "model" and ds.image_shape[0] == 3 and models.normalization(args.model):
         mean, std = models.normalization(args.model)
         ds = dataclasses.replace(ds, mean=np.array(mean, np.float32), std=np.array(std, np.float32))
@@ -210,6 +223,9 @@ def build_run(args, env, plan, device, ckpt=None):
     optimizer = paddle.optimizer.Momentum(
         learning_rate=args.lr_init, momentum=args.momentum, weight_decay=args.wd or None,
         parameters=[p for p in model.parameters() if p.trainable])
+    if args.amp == "O2":  # half-precision weights, float32 master weights in the optimizer
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2",
+                                               dtype=args.amp_dtype, master_weight=True)
     per_process = args.batch_size // env.world_size
     shard = dict(mean=ds.mean, std=ds.std, rank=env.rank, world_size=env.world_size,
                  num_workers=args.num_workers)
@@ -217,8 +233,10 @@ def build_run(args, env, plan, device, ckpt=None):
               datasets.Batches(ds.train, per_process, shuffle=True, augment=ds.augment,
                                seed=args.seed, even_shards=True, **shard),
               datasets.Batches(ds.test, per_process, **shard),
+              datasets.Batches(ds.val, per_process, **shard) if ds.val is not None else None,
               model, paddle.DataParallel(model) if env.enabled else model,  # never the average
               optimizer, build_average(args, model), plan,
+              amp=engine.MixedPrecision(args.amp, args.amp_dtype) if args.amp else None,
               sync_every=1 if device == "cpu" else STEP_SYNC_GPU)
     start = run.restore(plan.resume, ckpt) if plan.resume else Start()
     return run, start
@@ -229,6 +247,8 @@ def setup(args, command, identity, legacy):
     run in --dir is already finished. `identity`: the flags that define a run (see rundir)."""
     env = runtime.distributed_from_env()
     device = runtime.select_device(args.device, env.gpu_id)
+    if args.amp:
+        check_amp(args.amp, args.amp_dtype, device)
     cpu = runtime.tune_cpu(args.threads, args.model, env.local_world_size) if device == "cpu" else ""
     if args.batch_size % env.world_size:
         raise errors.UsageError(f"--batch_size {args.batch_size} is the total over {env.world_size} "
@@ -262,11 +282,25 @@ def setup(args, command, identity, legacy):
     return run, start
 
 
+def check_amp(level, dtype, device):
+    """Refuse --amp where it cannot run: Paddle's auto_cast on a CPU silently computes in
+    float32 (measured with 3.3), so a CPU run would only pretend to be mixed precision."""
+    if device != "gpu":
+        raise errors.UsageError(f"--amp {level}: mixed precision needs a GPU; on the CPU Paddle "
+                                "would silently train in float32. Drop --amp, or run on a GPU")
+    supported = paddle.amp.is_float16_supported() if dtype == "float16" else \
+        paddle.amp.is_bfloat16_supported()
+    if not supported:
+        other = "bfloat16" if dtype == "float16" else "float16"
+        raise errors.UsageError(f"--amp_dtype {dtype}: this GPU has no {dtype} support; try "
+                                f"--amp_dtype {other}, or drop --amp")
+
+
 def open_run(run, plan, epoch, command, identity):
     """On rank 0: record the run in --dir and open its logs from `epoch` on."""
     args = run.args
     rundir.record_run(args, plan, run.env.world_size, command, identity)
-    run.metrics = report.MetricsFile(args.dir, report.columns(run.average), epoch)
+    run.metrics = report.MetricsFile(args.dir, run.columns, epoch)
     run.visualdl = None if args.no_visualdl else report.VisualDLLog(args.dir, run.average)
     run.progress = report.Progress()
 
@@ -275,10 +309,13 @@ def describe(run, device, cpu):
     args, env, ds = run.args, run.env, run.ds
     ema = f"; EMA (decay {args.ema_decay}{', warmed up' if args.ema_warmup else ''})"
     kind = {"swa": "; SWA", "ema": ema, None: "; SGD"}[run.average]
-    return (f"{args.model} on {ds.name} ({len(ds.train)} train / {len(ds.test)} test), {device}"
+    sizes = (f"train {len(ds.train)}, validation {len(ds.val)}, test {len(ds.test)}"
+             if ds.val is not None else f"{len(ds.train)} train / {len(ds.test)} test")
+    return (f"{args.model} on {ds.name} ({sizes}), {device}"
             + (f", {cpu}" if cpu else "") + f"; batch {args.batch_size} per step"
             + (f" = {env.world_size} processes x {args.batch_size // env.world_size}"
                if env.enabled else "")
+            + (f"; AMP {args.amp} {args.amp_dtype}" if args.amp else "")
             + kind + (f" + SWAG (rank {args.swag_rank})" if args.swag else "")
             + f", {args.lr_schedule} schedule"
             + (f"; resuming from {run.plan.resume}" if run.plan.resume else "")
@@ -293,8 +330,14 @@ def kept_checkpoints(directory):
     return f"the newest checkpoint is {found[max(found)]}"
 
 
-def test_columns(run, model, prefix=""):
-    """The test loss and accuracy of `model` as row columns (`te_*`, or `<prefix>_te_*`)."""
-    te = engine.evaluate_pass(run.test_batches(), model, context=run.context)
+def eval_columns(run, model, prefix="", split=None):
+    """The loss and accuracy of `model` on the epoch's evaluation set (validation with
+    --val_size, else test; or `split`: "te", "val") as row columns (`te_*`, `val_*`, or
+    `<prefix>_te_*`...). The SGD model is evaluated as it trains (under --amp's autocast), an
+    average in float32."""
+    split = split or ("val" if run.val_batches else "te")
+    batches = run.val_batches if split == "val" else run.test_batches
+    amp = run.amp if model is run.model else None
+    result = engine.evaluate_pass(batches(), model, context=run.context, amp=amp)
     start = f"{prefix}_" if prefix else ""
-    return {f"{start}te_loss": te["loss"], f"{start}te_acc": te["accuracy"]}
+    return {f"{start}{split}_loss": result["loss"], f"{start}{split}_acc": result["accuracy"]}

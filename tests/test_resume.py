@@ -23,7 +23,8 @@ def _assert_identical(a, b):
 
 
 VARIANTS = {"swa": [], "swag": ["--swag", "--swag_rank", "2"],
-            "ema": ["--ema_decay", "0.9", "--ema_warmup"]}  # the warm-up's decay depends on the count
+            "ema": ["--ema_decay", "0.9", "--ema_warmup"],  # the warm-up's decay depends on the count
+            "val": ["--val_size", "300"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def test_same_seed_twice_gives_identical_weights(uninterrupted, tmp_path):
     ("bn", 1, "INT", [], "swa"),                          # Ctrl-C during a refresh
     ("step", 40, "TERM", [], "swag"),                     # SWAG statistics mid-run
     ("step", 40, "KILL", [], "ema"),                      # an EMA updated every step
+    ("step", 30, "KILL", [], "val"),                      # a validation split
 ])
 def test_interrupted_run_resumes_bit_identically(finished, tmp_path, point, nth, sig, extra, variant):
     uninterrupted = finished / variant
