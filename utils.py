@@ -94,8 +94,9 @@ class SWA:
             at least min_decay, so an EMA started at step 0 is not dominated by the initial
             weights. warmup_gamma (1.0), warmup_power (2/3), min_decay (0.0) as in timm.
 
-    Memory: one float32 copy of the model, plus scratch of the same size while `update`
-    runs (kept between calls for an EMA, which updates every step).
+    Memory: one float32 copy of the model, plus float32 scratch for the fast path (see the
+    last section): the size of the model's small tensors, kept between updates; none for its
+    large tensors on a CPU.
 
     Example:
         >>> swa = SWA(model)                  # ema = SWA(model, ema_decay=0.999)
@@ -171,8 +172,7 @@ class SWA:
         tensors stay the same objects, storage and dtypes (checked cheaply), made anew if not."""
         if self._pairs is None or not self._pairs.still_holds(self._model, model):
             self._pairs = _Pairs(self._model, model, self.average_statistics,
-                                 fast=self.device is None, keep_scratch=self.ema_decay is not None,
-                                 other_place=self.device is not None)
+                                 fast=self.device is None, other_place=self.device is not None)
         return self._pairs
 
     def bn_update(self, loader, distributed=False):
@@ -639,14 +639,6 @@ def _moved(pairs):
     return [(avg, moved.get(id(avg), new)) for avg, new in pairs]
 
 
-def _tensors(model):
-    """The tensors of `_named_tensors`, in the same order, read from each layer's tables
-    (2-3x faster than named_parameters(), which builds every name)."""
-    layers = _unwrap(model).sublayers(include_self=True)
-    return [t for layer in layers for t in layer._parameters.values() if t is not None] + \
-        [t for layer in layers for t in layer._buffers.values() if t is not None]
-
-
 class _Pairs:
     """The (average, model) tensor pairs of two models, matched by name: `averaged` and
     `copied` (integer tensors, and statistics when they are left out of the average). A
@@ -657,8 +649,7 @@ class _Pairs:
     `still_holds` tells cheaply whether the pairing is still right: the same tensor objects,
     in the same places, with the same storage and dtypes."""
 
-    def __init__(self, average, model, average_statistics, fast=False, keep_scratch=False,
-                 other_place=False):
+    def __init__(self, average, model, average_statistics, fast=False, other_place=False):
         targets = dict(_named_tensors(average))
         statistics = _statistic_ids(model)
         self.averaged, self.copied = [], []
@@ -674,21 +665,23 @@ class _Pairs:
         if targets:
             raise ValueError(f"the average has {next(iter(targets))}, which the model has not: "
                              "the architecture changed since the average was made; make a new one")
-        self.direct = all([id(t) for _, t in _named_tensors(m)] == [id(t) for t in _tensors(m)]
-                          for m in (average, model))
-        self.signature = self._signature(average, model)
-        self.fast = _FusedLerp.for_pairs(self.averaged, keep_scratch) if fast else None
-
-    def _signature(self, average, model):
-        parts = []
-        for m in (average, model):
-            tensors = _tensors(m) if self.direct else [t for _, t in _named_tensors(m)]
-            parts += [list(map(id, tensors)), [t.data_ptr() for t in tensors],
-                      [t.dtype for t in tensors]]
-        return parts
+        self.signature = _signature(model)
+        self.fast = _FastPath.for_pairs(self.averaged) if fast else None
 
     def still_holds(self, average, model):
-        return self._signature(average, model) == self.signature
+        return _signature(model) == self.signature
+
+
+def _signature(model):
+    """(id, storage address) of every tensor of `model`, read from the layers' own tables
+    (a walk several times faster than named_parameters(), which builds every name)."""
+    found, stack = [], [_unwrap(model)]
+    while stack:
+        layer = stack.pop()
+        found += layer._parameters.values()
+        found += layer._buffers.values()
+        stack += layer._sub_layers.values()
+    return [(id(t), t.data_ptr()) for t in found if t is not None]
 
 
 def _check_fits(name, avg, new, other_place=False):
@@ -707,50 +700,103 @@ def _check_fits(name, avg, new, other_place=False):
 
 # --------------------------------------------------------------------------- the fast path
 #
-# Optional, and used only where a self-check shows it gives the plain path's values: Paddle's
-# multi-tensor momentum kernel, which computes for every tensor v = mu * v + g + c * p (L2
-# decay c) and p = p - lr * v. With p the average, g the model's tensor, mu = 0, c = -1 and
-# lr = -alpha that is p + alpha * (g - p): the whole model in one call instead of one kernel
-# launch per tensor, which dominates for models of hundreds of small tensors (PreResNet164:
-# 820). Only the average (p) and scratch memory (v) are written.
+# Optional, and each part used only where a self-check shows it gives the plain path's values.
+# - Many small tensors (PreResNet164: 820) cost a kernel launch each on the plain path; Paddle's
+#   multi-tensor momentum kernel computes for every tensor v = mu * v + g + c * p (L2 decay c)
+#   and p = p - lr * v, which with p the average, g the model's tensor, mu = 0, c = -1 and
+#   lr = -alpha is p + alpha * (g - p): all of them in one call. It writes the average (p) and
+#   scratch (v), kept between calls.
+# - Large tensors on a CPU are averaged through numpy views of the same memory (dlpack), in
+#   blocks that stay in cache: the average is read and written, the model read, once each,
+#   with the plain lerp's arithmetic (bit for bit, checked); Paddle's CPU lerp_ makes several
+#   passes. The model is only read.
 
-class _FusedLerp:
-    """avg <- avg + alpha * (model - avg) over all (float32 average) pairs in one kernel call."""
+LARGE = 1 << 15    # floats from which a CPU tensor takes the numpy path
+BLOCK = 1 << 18    # floats per block there (1 MB: in cache)
+
+
+class _FastPath:
+    """avg <- avg + alpha * (model - avg) over all pairs of float32 averages on one device."""
 
     @classmethod
-    def for_pairs(cls, averaged, keep_scratch):
-        """The fast path for `averaged`, or None where it does not apply or is not exact."""
+    def for_pairs(cls, averaged):
+        """The fast path for `averaged`, or None where no part of it applies here."""
         places = {str(avg.place) for avg, _ in averaged}
         if not averaged or len(places) != 1 or any(avg.dtype != paddle.float32 for avg, _ in averaged):
             return None
-        return cls(averaged, keep_scratch) if _fused_lerp_works(averaged[0][0].place) else None
+        place = averaged[0][0].place
+        views = place.is_cpu_place() and _numpy_views_work()
+        is_large = [views and m.dtype == paddle.float32 and int(np.prod(a.shape)) >= LARGE
+                    for a, m in averaged]
+        large = [pair for pair, big in zip(averaged, is_large) if big]
+        small = [pair for pair, big in zip(averaged, is_large) if not big]
+        fused = bool(small) and _fused_lerp_works(place)
+        if not large and not fused:
+            return None
+        return cls(large, small, fused)
 
-    def __init__(self, averaged, keep_scratch):
-        self.averages = [avg for avg, _ in averaged]
-        self.models = [new for _, new in averaged]
+    def __init__(self, large, small, fused):
+        self.large = large
+        self.small, self.fused = small, fused
+        self.averages = [avg for avg, _ in small]
+        self.models = [new for _, new in small]
         self.cast = any(new.dtype != paddle.float32 for new in self.models)
-        self.keep_scratch = keep_scratch  # per-step EMA: allocate the scratch once
         self.scratch = None
+        self.block = np.empty(BLOCK, np.float32) if large else None
 
     def lerp(self, alpha):
-        """Apply the update; False (nothing written) if the scratch cannot be had here."""
+        """Apply the update to every pair. Returns True."""
+        for pair in self.large:
+            # views made afresh: Paddle may give a tensor new memory when it is assigned to
+            avg, new = (_numpy_view(t) for t in pair)
+            for start in range(0, avg.size, BLOCK):
+                a, b = avg[start:start + BLOCK], new[start:start + BLOCK]
+                t = self.block[:a.size]
+                np.subtract(b, a, out=t)   # the plain path's a + alpha * (b - a), in float32
+                t *= np.float32(alpha)
+                a += t
+        if self.small and not (self.fused and self._fused(alpha)):
+            _lerp_each(self.small, alpha)
+        return True
+
+    def _fused(self, alpha):
         models = [_as_float32(new) for new in self.models] if self.cast else self.models
         try:
             # zeroed, not empty: the kernel reads v (times mu = 0, and 0 * NaN is NaN)
-            scratch = self.scratch or _zero_scratch(self.averages)
+            self.scratch = self.scratch or _zero_scratch(self.averages)
         except (TypeError, ValueError, RuntimeError, MemoryError):
             return False  # nothing written yet: the plain path is exact
         try:
-            _fused_lerp(self.averages, models, scratch, alpha)
+            _fused_lerp(self.averages, models, self.scratch, alpha)
         except Exception as e:
             # The kernel may have written some averages before failing: the plain path
             # cannot be applied on top, and the average cannot be trusted.
             raise RuntimeError(f"the multi-tensor averaging kernel failed ({type(e).__name__}: "
                                f"{e}); the average may be partly updated: restore it from a "
                                "checkpoint") from e
-        if self.keep_scratch:
-            self.scratch = scratch
         return True
+
+
+def _numpy_view(tensor):
+    """A numpy array on `tensor`'s own memory (CPU), flat."""
+    return np.from_dlpack(tensor.detach()).reshape(-1)
+
+
+_NUMPY_VIEWS_CHECKED = []
+
+
+def _numpy_views_work():
+    """Whether `_numpy_view` shares memory with the tensor here, both ways (checked once)."""
+    if not _NUMPY_VIEWS_CHECKED:
+        try:
+            t = paddle.to_tensor(np.arange(8, dtype=np.float32))
+            view = _numpy_view(t)
+            view[3] = 42.0
+            works = view.ctypes.data == t.data_ptr() and float(t[3]) == 42.0
+        except (AttributeError, TypeError, ValueError, RuntimeError, BufferError):
+            works = False
+        _NUMPY_VIEWS_CHECKED.append(works)
+    return _NUMPY_VIEWS_CHECKED[0]
 
 
 def _zero_scratch(averages):

@@ -156,31 +156,41 @@ def section_speed(names, batch_size, repeats, rounds):
     return results
 
 
+def torch_foreach_ms(count_shapes, repeats):
+    """torch's AveragedModel-style multi-tensor update (_foreach_lerp_) over tensors of the same
+    shapes, in ms, where torch is installed (an optional column); None otherwise."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    averages = [torch.zeros(shape) for shape in count_shapes]
+    models_ = [torch.ones(shape) for shape in count_shapes]
+    return 1e3 * median_time(lambda: torch._foreach_lerp_(averages, models_, 0.1), repeats, warmup=2)
+
+
 def section_averaging(speed, names, batch_size, repeats):
-    print("\n2. One SWA averaging step (train.py's settings) against the numpy floor, and an EMA update\n"
-          f"   (after every step) against a training step of batch {batch_size} (from 1.)")
-    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'SWA.update':>11s} {'moving_avg':>11s} "
-          f"{'floor':>9s} {'ratio':>6s} {'EMA update':>11s} {'of a step':>9s}")
+    print("\n2. Averaging against the memory floor: the time to read two arrays and write one (12 bytes\n"
+          "   a float: numpy's in-place add over as many float32 values), for an SWA update (once per\n"
+          f"   averaging epoch) and an EMA update (after every step; its share of a training step of\n"
+          f"   batch {batch_size} from 1.); torch's _foreach_lerp_ where torch is installed")
+    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'floor':>9s} {'SWA.update':>11s} {'ratio':>6s} "
+          f"{'EMA update':>11s} {'ratio':>6s} {'of a step':>9s} {'torch':>9s}")
     for name in names:
         runtime.tune_cpu(0, name)
         a = models.build(name)
         swa, ema = utils.SWA(a), utils.SWA(a, ema_decay=0.999)
-        reference = models.build(name)
         count = sum(int(p.numel()) for p in a.parameters())
-        fused = median_time(lambda: swa.update(a), repeats, warmup=2)
-        plain = median_time(lambda: utils.moving_average(reference, a, 0.1), repeats, warmup=2)
-        each_step = median_time(lambda: ema.update(a), repeats, warmup=2)
-        x, y, scratch = (np.ones(count, np.float32) for _ in range(3))
-
-        def floor():
-            np.multiply(x, 0.9, out=x)
-            np.multiply(y, 0.1, out=scratch)
-            np.add(x, scratch, out=x)
-        floor_time = median_time(floor, repeats, warmup=2)
-        step = batch_size / speed[(name, "tuned")]["train"]
-        print(f"{name:16s} {count:9d} {len(list(a.parameters())):7d} {fused * 1e3:8.2f} ms "
-              f"{plain * 1e3:8.2f} ms {floor_time * 1e3:6.2f} ms {fused / floor_time:6.2f} "
-              f"{each_step * 1e3:8.2f} ms {100 * each_step / step:8.2f}%")
+        swa_time = median_time(lambda: swa.update(a), repeats, warmup=2)
+        ema_time = median_time(lambda: ema.update(a), repeats, warmup=2)
+        x, y = np.ones(count, np.float32), np.ones(count, np.float32)
+        floor = median_time(lambda: np.add(x, y, out=x), repeats, warmup=2)
+        step = batch_size / speed[(name, "tuned")]["train"] if speed else None
+        foreach = torch_foreach_ms([list(p.shape) for p in a.parameters()], repeats)
+        print(f"{name:16s} {count:9d} {len(list(a.parameters())):7d} {floor * 1e3:6.2f} ms "
+              f"{swa_time * 1e3:8.2f} ms {swa_time / floor:6.2f} {ema_time * 1e3:8.2f} ms "
+              f"{ema_time / floor:6.2f} " + (f"{100 * ema_time / step:8.2f}%" if step else f"{'-':>9s}")
+              + (f" {foreach:6.2f} ms" if foreach is not None else f" {'-':>9s}"))
 
 
 def section_refresh(speed, names, train_size=50_000, test_size=10_000):
@@ -248,6 +258,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="measurements per median (default: 3)")
     p.add_argument("--rounds", type=int, default=2,
                    help="fresh processes per model and setting in 1. (default: 2)")
+    p.add_argument("--averaging_only", action="store_true",
+                   help="run only section 2, the averaging against the memory floor (default: off)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -263,6 +275,9 @@ def main(argv=None):
     print(f"swa-paddle benchmark: {machine()}")
     print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
           "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
+    if args.averaging_only:
+        section_averaging(None, names, args.batch_size, max(20, args.repeats))
+        return 0
     speed = section_speed(names, args.batch_size, args.repeats, args.rounds)
     section_averaging(speed, names, args.batch_size, max(20, args.repeats))  # ms each: cheap to repeat
     section_refresh(speed, names)

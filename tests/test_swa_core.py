@@ -168,6 +168,7 @@ def test_fused_path_equals_plain_path(monkeypatch, dtype):
         model.to(dtype=dtype)
         swa = utils.SWA(model)
         monkeypatch.setattr(utils, "_fused_lerp_works", lambda place: fused)
+        monkeypatch.setattr(utils, "_numpy_views_work", lambda: fused)
         for _ in range(3):
             _randomise(model, rng)
             swa.update(model)
@@ -177,6 +178,23 @@ def test_fused_path_equals_plain_path(monkeypatch, dtype):
     fused, plain = averaged(True), averaged(False)
     for key in fused:
         np.testing.assert_allclose(fused[key], plain[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_large_tensors_on_the_cpu_are_averaged_bit_for_bit_as_the_plain_path(monkeypatch):
+    def averaged(fast):
+        paddle.seed(3)
+        model = paddle.nn.Sequential(paddle.nn.Linear(300, 400), paddle.nn.Linear(400, 10))
+        monkeypatch.setattr(utils, "_numpy_views_work", lambda: fast)
+        monkeypatch.setattr(utils, "_fused_lerp_works", lambda place: False)
+        swa, rng = utils.SWA(model), np.random.default_rng(4)
+        pointers = _pointers(model)
+        _feed(swa, model, rng, 4)
+        assert (swa.pairs_with(model).fast is not None) is fast and _pointers(model) == pointers
+        return _snapshot(swa.model)
+
+    fast, plain = averaged(True), averaged(False)
+    for key in fast:
+        np.testing.assert_array_equal(fast[key], plain[key], err_msg=key)
 
 
 def test_a_fused_kernel_that_disagrees_is_not_used(monkeypatch):
