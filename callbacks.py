@@ -131,7 +131,8 @@ class SWACallback(paddle.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         network, optimizer = self.model.network, self.model._optimizer
-        if self.bn_data is None and utils.batch_norm_layers(network):
+        if utils.batch_norm_layers(network) and (self.bn_data is None or (
+                isinstance(self.bn_data, (list, tuple)) and not self.bn_data)):
             raise ValueError("SWACallback needs bn_data (the training data) to recompute the "
                              "average's BatchNorm statistics, or bn_data=False to skip that")
         if self.schedule.swa_lr is not None and not isinstance(optimizer._learning_rate,

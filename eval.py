@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 def build_parser():
     p = cli.ArgumentParser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, metavar="CKPT",
+    p.add_argument("--model_path", required=True, metavar="CKPT", type=cli.path_argument,
                    help="checkpoint written by train.py (required)")
     p.add_argument("--sgd", action="store_true",
                    help="evaluate the SGD weights even if the checkpoint has SWA weights (default: off)")
@@ -47,6 +47,8 @@ def build_parser():
     p.add_argument("--reliability", metavar="PNG",
                    help="draw reliability diagrams (SGD, SWA and, with --swag_samples, SWAG side "
                         "by side) into this PNG (default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --reliability file (default: off)")
     cli.add_checkpoint_overrides(p, "the checkpoint's")
     return p
 
@@ -86,6 +88,10 @@ def describe(weights, result, info, args):
 
 
 def check_flags(args):
+    """Refuse contradicting flags and an unwritable --reliability before any work."""
+    if args.reliability:
+        cli.check_output(args.reliability, "--reliability", args.overwrite,
+                         (".png", ".pdf", ".svg", ".jpg", ".jpeg"), what="figure")
     if (args.swag_diag or args.swag_scale != 0.5) and not args.swag_samples:
         raise errors.UsageError("--swag_diag and --swag_scale shape the SWAG samples: add --swag_samples S")
     if args.sgd and (args.swag_samples or args.reliability):

@@ -49,7 +49,7 @@ def build_parser():
     run.add_argument("--dir", default="out", metavar="DIR", type=cli.path_argument,
                      help="training directory for checkpoints and logs; one run per directory, "
                           "written by one process at a time (default: out)")
-    run.add_argument("--resume", metavar="CKPT",
+    run.add_argument("--resume", metavar="CKPT", type=cli.path_argument,
                      help="checkpoint to resume from, or 'auto' for the newest in --dir (a fresh "
                           "start if it has none). The flags must be the run's, except "
                           f"{', '.join(MAY_CHANGE)} (default: None)")
@@ -129,7 +129,7 @@ def build_parser():
                           "weights (default: off)")
     swa.add_argument("--swag_rank", type=cli.number(int, 2), default=20, metavar="K",
                      help="deviations SWAG keeps for its low-rank covariance (default: 20)")
-    swa.add_argument("--init", metavar="WEIGHTS",
+    swa.add_argument("--init", metavar="WEIGHTS", type=cli.path_argument,
                      help="start from these weights: a .pdparams state dict or a checkpoint of "
                           "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
                           "Ignored when --resume finds a checkpoint (default: None)")
@@ -278,7 +278,7 @@ def train_epoch(run, epoch, start, lr_at, stop):
     except engine.NonFiniteLoss as e:
         raise errors.Diverged(f"loss became {e.value} at epoch {epoch + 1} step "
                               f"{start.step + e.step + 1}; training stopped and the checkpoints "
-                              "in --dir are those saved before; lower --lr_init or --swa_lr") from None
+                              "in --dir are those saved before; lower --lr_init, --swa_lr or --wd") from None
     except engine.ScaleCollapsed as e:
         raise errors.RunFailed(f"{e} at epoch {epoch + 1}: float16 gradients overflow at any "
                                "scale; training stopped and the checkpoints in --dir are those "

@@ -205,8 +205,11 @@ class SWA:
         if state.get("swa_ema_warmup") != warmup:
             raise ValueError(f"the saved EMA's warm-up (gamma, power, min_decay) is "
                              f"{state.get('swa_ema_warmup')}, this one's {warmup}")
+        n = state["swa_n"]
+        if isinstance(n, bool) or int(n) != n or n < 0:
+            raise ValueError(f"the saved average's count swa_n must be a whole number >= 0, got {n}")
         load_state_dict(self._model, state["swa_state_dict"], "the saved average")
-        self.n = int(state["swa_n"])
+        self.n = int(n)
         self.bn_updated = bool(state.get("swa_bn_updated", False))
 
 
@@ -246,8 +249,9 @@ class SWAG(SWA):
     VARIANCE_FLOOR = 1e-30
 
     def __init__(self, model, max_rank=20):
-        if int(max_rank) != max_rank or max_rank < 1:
-            raise ValueError(f"max_rank must be a whole number >= 1, got {max_rank}")
+        if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 2:
+            raise ValueError(f"max_rank must be a whole number >= 2 (the low-rank term needs two "
+                             f"deviations), got {max_rank}")
         super().__init__(model)
         self.max_rank = int(max_rank)
         self.names = [name for name, _ in _weights(model)]
@@ -298,8 +302,8 @@ class SWAG(SWA):
         """
         if self.n == 0:
             raise ValueError("SWAG.sample: no model has been collected (call update first)")
-        if scale < 0:
-            raise ValueError(f"scale must be >= 0, got {scale}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale}")
         rank = len(self.deviations)
         if cov and rank < 2:
             raise ValueError(f"SWAG.sample: the low-rank term needs 2 or more collected models, "
@@ -451,9 +455,25 @@ def _all_reduce_statistics(stats, seen, failed):
 
 def _batch_input(batch, place):
     """A batch's input as a tensor on `place` (the refreshed model's: an average kept on
-    another device than the data is refreshed where it is)."""
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    x = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(x, place=place)
+    another device than the data is refreshed where it is). A batch is `x` or a list or tuple
+    `(x, y, ...)`, x a tensor or array of floating-point inputs, normalised as in training;
+    float64 is cast to float32 (numpy's default, not a model's), non-float inputs refused."""
+    x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if not isinstance(x, paddle.Tensor):
+        try:
+            x = np.asarray(x)
+        except Exception:
+            x = None
+        if x is None or x.dtype == object or not x.shape:
+            raise TypeError("bn_update: each batch must be x or (x, y, ...) with x a tensor or "
+                            f"array of inputs, got {type(batch).__name__}; for dict batches pass "
+                            "(batch['image'] for batch in loader)")
+        x = paddle.to_tensor(x, place=place)
+    if not x.is_floating_point():
+        raise TypeError(f"bn_update: the inputs are {x.dtype}, not floating point: normalise them "
+                        "as in training (e.g. images scaled and standardised to float32) first")
+    if x.dtype == paddle.float64:
+        x = x.astype("float32")
     return x if str(x.place) == str(place) else x.to(place)
 
 

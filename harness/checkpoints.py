@@ -18,11 +18,16 @@ This is the only module that calls paddle.save and paddle.load. A checkpoint is 
     rng             Python's and numpy's generators   rank_state    per-rank state mid-epoch
     model_name, dataset, num_classes, in_channels, normalization   what `rebuild` reads
 
-Like any pickle, load only files you trust.
+Checkpoints are pickles, and unpickling can run code: `read_file` builds only what a
+checkpoint holds (dicts, lists, tuples, numbers, strings, numpy arrays and the tensors Paddle
+saves as such) and refuses anything else before it is built, naming it, as torch's
+`weights_only=True` does.
 """
+import collections
 import dataclasses
 import glob
 import os
+import pickle
 import random
 import re
 from dataclasses import dataclass
@@ -48,13 +53,20 @@ def checkpoint_path(directory, epoch, step=0):
     return os.path.join(directory, f"checkpoint-{epoch}{suffix}.pdparams")
 
 
+def parse_checkpoint_name(name):
+    """(epoch, step) of a file name `checkpoint_path` writes, or None for any other name (also
+    `checkpoint-010.pdparams`: train.py never writes leading zeros)."""
+    match = re.fullmatch(r"checkpoint-(0|[1-9]\d*)(?:-step([1-9]\d*))?\.pdparams", name)
+    return (int(match[1]), int(match[2] or 0)) if match else None
+
+
 def list_checkpoints(directory):
     """The checkpoints in `directory` as {(epoch, step): path}; the newest is max()."""
     found = {}
     for path in glob.glob(os.path.join(glob.escape(directory), "checkpoint-*.pdparams")):
-        match = re.fullmatch(r"checkpoint-(\d+)(?:-step(\d+))?\.pdparams", os.path.basename(path))
-        if match:
-            found[(int(match[1]), int(match[2] or 0))] = path
+        position = parse_checkpoint_name(os.path.basename(path))
+        if position is not None and os.path.isfile(path):
+            found[position] = path
     return found
 
 
@@ -87,7 +99,7 @@ def write_checkpoint(path, epoch, step=0, **state):
 def setting_of(model_name, ds):
     """The checkpoint keys that say what a model was trained on, for `rebuild`."""
     return dict(model_name=model_name, dataset=ds.name, num_classes=ds.num_classes,
-                in_channels=ds.image_shape[0],
+                in_channels=ds.image_shape[0], data=ds.fingerprint,
                 normalization={"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]})
 
 
@@ -99,14 +111,91 @@ def atomic_save(obj, path):
 # --------------------------------------------------------------------------- reading
 
 def read_file(path, what="checkpoint"):
-    """The object in a file of paddle.save; CheckpointError naming the file if it cannot be read."""
-    if not os.path.isfile(path):
+    """The object in a file of paddle.save, built by `_SafeUnpickler` and given tensors as
+    paddle.load gives them; CheckpointError naming the file if it cannot be read or holds
+    anything but data."""
+    if os.path.isdir(path):
+        raise errors.CheckpointError(f"{what} {path} is a folder; give the .pdparams file in it")
+    if not os.path.exists(path):
         raise errors.CheckpointError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise errors.CheckpointError(f"{what} {path} is not a regular file (a device or a pipe); "
+                                     "give a .pdparams file")
     try:
-        return paddle.load(path)
-    except Exception as e:  # paddle.load raises many types for bad bytes
+        with open(path, "rb") as f:
+            data = _SafeUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise errors.CheckpointError(f"{what} {path} tries to load {e}, which no checkpoint "
+                                     "holds: refused before running it (a file from someone "
+                                     "else may be made to run code when unpickled)") from None
+    except Exception as e:  # truncated or foreign bytes raise many types
         raise errors.CheckpointError(f"{what} {path} is unreadable, truncated or not a Paddle "
                                      f"file ({type(e).__name__})") from None
+    return _as_paddle_loads(data)
+
+
+class _Refused(Exception):
+    pass
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only containers, numbers, strings and numpy arrays: everything paddle.save
+    writes for tensors, state dicts and checkpoints. Any other global is refused before it is
+    looked up, so nothing else is built or called."""
+
+    ALLOWED = {("builtins", name) for name in ("tuple", "list", "dict", "set", "frozenset",
+                                               "complex", "bytearray", "slice")} | {
+        ("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        # the Paddle generator states older versions saved (rebuilt from numbers, ignored)
+        ("paddle.base.libpaddle", "GeneratorState")} | {(module, name) for module in ("numpy.core.multiarray",
+                                                             "numpy._core.multiarray")
+                               for name in ("_reconstruct", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _as_paddle_loads(data):
+    """Tensors where paddle.load would give them: paddle.save writes a tensor as the pair
+    (name, array); a file with such pairs gets tensors for them (other arrays stay numpy), one
+    without gets tensors for its arrays (the layout of older Paddle versions)."""
+    if isinstance(data, dict) and "StructuredToParameterName@@" in data:
+        names = data.pop("StructuredToParameterName@@")
+        return {k: paddle.to_tensor(v) if k in names and isinstance(v, np.ndarray) else v
+                for k, v in data.items()}
+    pairs = _contains(data, _is_saved_tensor)
+    return _convert(data, _is_saved_tensor if pairs else (lambda v: isinstance(v, np.ndarray)))
+
+
+def _is_saved_tensor(value):
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+        and isinstance(value[1], np.ndarray)
+
+
+def _contains(value, test):
+    if test(value):
+        return True
+    if isinstance(value, dict):
+        return any(_contains(v, test) for v in value.values())
+    return isinstance(value, (list, tuple, set)) and any(_contains(v, test) for v in value)
+
+
+def _convert(value, test):
+    if test(value):
+        tensor = paddle.to_tensor(value[1] if isinstance(value, tuple) else value)
+        if isinstance(value, tuple):
+            tensor.name = value[0]
+        return tensor
+    if isinstance(value, dict):
+        converted = {k: _convert(v, test) for k, v in value.items()}
+        return collections.OrderedDict(converted) if isinstance(value, collections.OrderedDict) \
+            else converted
+    if isinstance(value, (list, tuple, set)):
+        return type(value)(_convert(v, test) for v in value)
+    return value
 
 
 def load_checkpoint(path):
@@ -137,12 +226,24 @@ def read_weights(path, what="--init"):
 
 
 def load_weights(model, state_dict, source="state dict"):
-    """Load `state_dict` into `model` strictly (see `utils.load_state_dict`); a mismatch is a
-    CheckpointError naming `source`."""
+    """Load `state_dict` into `model` strictly (see `utils.load_state_dict`); a mismatch, or a
+    tensor holding NaN or infinity, is a CheckpointError naming `source` and the tensor."""
+    check_finite(state_dict, source)
     try:
         return utils.load_state_dict(model, state_dict, source)
     except ValueError as e:
         raise errors.CheckpointError(str(e)) from None
+
+
+def check_finite(state_dict, source="state dict"):
+    """CheckpointError naming the first floating-point tensor of `state_dict` that holds NaN
+    or infinity (weights a diverged run left: a model built from them predicts nonsense)."""
+    for key, value in (state_dict or {}).items():
+        array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise errors.CheckpointError(f"{source}: {key} holds NaN or infinite values; these "
+                                         "weights cannot be used (the run that wrote them "
+                                         "diverged?); use an earlier checkpoint")
 
 
 # --------------------------------------------------------------------------- rebuilding

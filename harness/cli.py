@@ -69,7 +69,7 @@ def add_hardware_flags(parser):
     """--device and --threads, as train.py, eval.py and the scripts take them."""
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="auto uses the GPU when Paddle has one (default: auto)")
-    parser.add_argument("--threads", type=NON_NEGATIVE_INT, default=0, metavar="N",
+    parser.add_argument("--threads", type=number(int, 0, 1024), default=0, metavar="N",
                         help="CPU threads per process; 0 chooses from the model and the cores "
                              "(default: 0)")
 
@@ -83,6 +83,34 @@ def add_checkpoint_overrides(parser, source):
     parser.add_argument("--batch_size", type=POSITIVE_INT, metavar="N",
                         help=f"batch size (default: {source}, else 128)")
     add_hardware_flags(parser)
+
+
+def check_output(path, flag, overwrite=False, suffixes=None, what="file"):
+    """Refuse, before any work is done, an output that cannot or must not be written: a
+    folder where a file goes, a name without a file part, a suffix no writer takes, an
+    existing file without `overwrite`, a folder that cannot be made or written. Makes the
+    output's folder if it is missing (as train.py makes --dir). Returns `path`."""
+    if not os.path.basename(path):
+        raise errors.UsageError(f"{flag} {path} names a folder; give a {what} name in it, e.g. "
+                                f"{os.path.join(path, 'model')}")
+    if os.path.isdir(path):
+        raise errors.UsageError(f"{flag} {path} is a folder; give a {what} name")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffixes and suffix not in suffixes:
+        raise errors.UsageError(f"{flag} {path}: the {what} must end in one of "
+                                f"{', '.join(suffixes)}")
+    if os.path.lexists(path) and not overwrite:
+        raise errors.UsageError(f"{flag} {path} exists; choose another name or pass --overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise errors.UsageError(f"{flag} {path}: cannot make the folder {folder} "
+                                f"({os.strerror(e.errno)}); choose another {flag}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise errors.UsageError(f"{flag} {path}: the folder {folder} is not writable; choose "
+                                f"another {flag}")
+    return path
 
 
 # --------------------------------------------------------------------------- running

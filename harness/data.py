@@ -13,6 +13,7 @@ batch, and sharding over processes does not change what a sample looks like.
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -56,6 +57,7 @@ class Data:
     std: np.ndarray
     augment: Augment
     val: ArrayDataset | None = None   # held out of the training set by `split_validation`
+    fingerprint: dict | None = None   # what the files held: see `fingerprint`
 
     @property
     def image_shape(self):
@@ -279,6 +281,20 @@ def _load_digits():
     return train, test, 10
 
 
+def raw_test_images(ds):
+    """The test images as their files hold them (uint8, N x H x W x C), at the dataset's raw
+    pixel scale `pixel_max(ds.name)`: what an exported model takes."""
+    if ds.name != "digits":
+        return ds.test.images
+    with np.load(DIGITS_FILE) as f:
+        return f["test_images"][..., None]
+
+
+def pixel_max(name):
+    """The largest raw pixel value of dataset `name`'s files: 16 for digits' counts, else 255."""
+    return 16 if name == "digits" else 255
+
+
 def channel_statistics(images):
     """Per-channel mean and std of uint8 images scaled to [0, 1], from 256-bin histograms
     (exact, and without a float copy of the whole dataset)."""
@@ -315,7 +331,18 @@ def load_dataset(name, data_path="data", download=True):
     else:
         train, test, classes = _load_digits()
     mean, std = channel_statistics(train.images)
-    return Data(name, train, test, classes, mean, std, AUGMENT[name])
+    return Data(name, train, test, classes, mean, std, AUGMENT[name],
+                fingerprint=fingerprint(train, test))
+
+
+def fingerprint(train, test):
+    """Sizes and a cheap digest of a dataset as read (all labels, every 97th image): a run
+    resumed on other files (more images, other labels, another CIFAR file) is told apart."""
+    digest = hashlib.sha256()
+    for part in (train, test):
+        digest.update(np.ascontiguousarray(part.labels).tobytes())
+        digest.update(np.ascontiguousarray(part.images[::97]).tobytes())
+    return {"train": len(train), "test": len(test), "digest": digest.hexdigest()[:16]}
 
 
 def split_validation(ds, size, seed):

@@ -92,6 +92,9 @@ def swag_average(ckpt, trained, samples, scale, diagonal, seed):
         swag.set_state_dict(ckpt)
     except ValueError as e:
         raise errors.CheckpointError(f"cannot read SWAG from the checkpoint: {e}") from None
+    if swag.n == 0:
+        raise errors.UsageError("--swag_samples: the checkpoint's SWAG holds no model yet (it was "
+                                "saved before the first averaged epoch); use a later checkpoint")
     if not diagonal and len(swag.deviations) < 2:
         raise errors.UsageError(f"the checkpoint's SWAG holds {len(swag.deviations)} deviation(s): "
                                 "the low-rank term needs 2; pass --swag_diag")

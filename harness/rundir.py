@@ -12,11 +12,11 @@ import dataclasses
 import errno
 import fcntl
 import fnmatch
-import glob
 import json
 import os
 import shlex
 import shutil
+import stat
 import sys
 import uuid
 from dataclasses import dataclass
@@ -36,7 +36,19 @@ def acquire_lock(directory):
     Returns the open lock file: the lock lasts as long as it stays open (keep a reference).
     """
     path = os.path.join(directory, LOCK)
-    handle = open(path, "a+")
+    try:  # never through a link: a .lock pointing at a user's file must not truncate it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise errors.UsageError(f"{path} is not a lock file this code made (a link, a folder "
+                                    "or unwritable); remove it if no run uses --dir, or choose "
+                                    "another --dir") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise errors.UsageError(f"{path} is not a regular file; remove it if no run uses --dir, "
+                                "or choose another --dir")
+    handle = os.fdopen(fd, "a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -55,14 +67,18 @@ def acquire_lock(directory):
 
 
 def is_run_file(name):
-    """Whether `name` (a file name) is one a run writes into its directory."""
+    """Whether `name` (a file name) is one a run writes into its directory: exactly the names
+    of RUN_FILES, checkpoints only as train.py names them (a user's checkpoint-best.pdparams
+    or checkpoint-010.pdparams is not one)."""
+    if name.startswith("checkpoint-"):
+        return checkpoints.parse_checkpoint_name(name) is not None
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
 
 
 def previous_run_files(directory):
     """Paths of a run's files in `directory` (empty if it holds none)."""
-    pattern = glob.escape(directory)
-    return sorted(p for name in RUN_FILES for p in glob.glob(os.path.join(pattern, name)))
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                  if is_run_file(name))
 
 
 def remove(paths):
@@ -144,10 +160,15 @@ def plan_start(args, identity, legacy=None):
         raise errors.UsageError(f"cannot write to --dir {args.dir} ({existing} is {problem}); "
                                 "choose another --dir")
     created = not os.path.isdir(args.dir)
-    os.makedirs(args.dir, exist_ok=True)
+    try:
+        os.makedirs(args.dir, exist_ok=True)
+    except OSError as e:
+        raise errors.UsageError(f"cannot make --dir {args.dir}: {os.strerror(e.errno)}; choose "
+                                "another --dir") from None
     try:
         lock = acquire_lock(args.dir)
         try:
+            check_writable(args.dir)
             plan, ckpt = _plan(args, identity, legacy or {})
         except BaseException:
             lock.close()
@@ -158,6 +179,21 @@ def plan_start(args, identity, legacy=None):
         raise
     plan.created_dir = created
     return plan, lock, ckpt
+
+
+def check_writable(directory):
+    """Refuse a --dir where a run's file could not be written at the end (a folder in a
+    file's place, an unwritable file), before anything is trained."""
+    for name in ("metrics.csv", "command.sh", "args.json", RECORD, "convergence.png", "vdl"):
+        path = os.path.join(directory, name)
+        folder = name == "vdl"
+        if os.path.lexists(path) and (os.path.isdir(path) != folder or os.path.islink(path)):
+            kind = "a file or a link" if folder else "a folder or a link"
+            raise errors.UsageError(f"{path} is {kind}, where the run writes its {name}; move it "
+                                    "away or choose another --dir")
+        if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise errors.UsageError(f"{path} is not writable; make it writable or choose "
+                                    "another --dir")
 
 
 def remove_created_dir(directory):
@@ -190,6 +226,11 @@ def _plan(args, identity, legacy):
 def _plan_resume(args, path, previous, record, identity, legacy):
     """(The plan for resuming from checkpoint `path`, the checkpoint), once it fits the run."""
     ckpt = checkpoints.load_checkpoint(path)
+    if ckpt.get("averaged_from"):
+        raise errors.UsageError(f"--resume {path} is an offline average of checkpoints "
+                                "(average_checkpoints.py), not a training checkpoint; resume from "
+                                "one of the run's checkpoint-*.pdparams, or start from its "
+                                "weights with --init")
     saved = ckpt.get("args")
     if not isinstance(saved, dict):
         raise errors.UsageError(f"--resume {path} does not record the flags it was trained with, "
@@ -227,10 +268,11 @@ def check_same_run(path, saved, current, identity, directory):
     """Refuse a resume whose flags differ from the run's where they define it."""
     changed = differences(saved, current, identity)
     if changed:
+        commands = os.path.join(os.path.dirname(os.path.abspath(path)), "command.sh")
+        see = f" (see {commands})" if os.path.isfile(commands) else ""
         raise errors.UsageError(f"--resume {path}: the command differs from the run's flags in "
-                                f"{'; '.join(changed)}; resume with the run's command (see "
-                                f"{os.path.join(directory, 'command.sh')}) or start a new run in "
-                                "another --dir")
+                                f"{'; '.join(changed)}; resume with the run's command{see} or "
+                                "start a new run in another --dir")
 
 
 def record_run(args, plan, world_size, command, identity):

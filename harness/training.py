@@ -144,7 +144,18 @@ class Run:
     def restore(self, path, ckpt=None):
         """Load checkpoint `path` (or `ckpt`, already read from it) into the run; returns the Start."""
         ckpt = ckpt if ckpt is not None else checkpoints.load_checkpoint(path)
+        saved = ckpt.get("data")
+        if saved and saved != self.ds.fingerprint:
+            now = self.ds.fingerprint
+            change = (f"{saved['train']} training and {saved['test']} test images then, "
+                      f"{now['train']} and {now['test']} now"
+                      if (saved["train"], saved["test"]) != (now["train"], now["test"])
+                      else "the same sizes, other contents")
+            raise errors.CheckpointError(f"--resume {path}: the {self.ds.name} files in --data_path "
+                                         f"changed since the run was trained ({change}); put the "
+                                         "run's files back, or start a new run in another --dir")
         checkpoints.load_weights(self.model, ckpt["state_dict"], source=path)
+        checkpoints.check_finite(ckpt.get("swa_state_dict"), source=f"{path} (the average)")
         try:
             self.optimizer.set_state_dict(ckpt["optimizer"])
             if self.swa is not None:

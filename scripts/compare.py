@@ -182,6 +182,9 @@ def compare(argv):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise errors.UsageError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give "
+                                "each seed once")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise errors.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
     os.makedirs(args.out_dir, exist_ok=True)

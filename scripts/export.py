@@ -3,9 +3,10 @@
     python scripts/export.py --model_path runs/digits/checkpoint-60.pdparams --out exported/digits
 
 Writes PREFIX.json (the program) and PREFIX.pdiparams (the weights) with paddle.jit.save.
-The exported model takes float32 images in NCHW layout scaled to [0, 1] (pixel / 255), of
-the checkpoint's dataset's shape with any batch size, and returns logits: the per-channel
-normalisation the model was trained with is part of it. The average's BatchNorm statistics
+The exported model takes float32 images in NCHW layout holding the dataset's raw pixel values
+(0..255 for CIFAR and MNIST, 0..16 for digits, as their files hold them), of the checkpoint's
+dataset's shape with any batch size, and returns logits: the scaling and the per-channel
+normalisation the model was trained with are part of it. The average's BatchNorm statistics
 are recomputed first if the checkpoint's are stale. Before it returns, Paddle Inference's
 predictor must give the dynamic model's logits on a test batch. --fold_bn folds each
 BatchNorm that directly follows a convolution into it (fewer operations at inference).
@@ -25,21 +26,25 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from harness import checkpoints, cli, errors  # noqa: E402
+from harness import data as datasets  # noqa: E402
 from harness import evaluation as scoring  # noqa: E402
 
 
 class Normalized(paddle.nn.Layer):
-    """`model` fed with (x - mean) / std per channel: what the exported program runs."""
+    """`model` fed raw pixels, scaled to [0, 1] as the loader scales them and normalised with
+    (x - mean) / std per channel: what the exported program runs."""
 
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, pixel_max=255):
         super().__init__()
-        self.model = model
+        self.model, self.pixel_max = model, pixel_max
         shape = [1, len(mean), 1, 1]
         self.register_buffer("mean", paddle.to_tensor(np.asarray(mean, np.float32).reshape(shape)))
         self.register_buffer("std", paddle.to_tensor(np.asarray(std, np.float32).reshape(shape)))
 
     def forward(self, x):
-        return self.model((x - self.mean) / self.std)
+        if self.pixel_max != 255:  # as data.py brings other scales to 0..255: floor(x * 255 / max)
+            x = paddle.floor(x * (255.0 / self.pixel_max))
+        return self.model((x / 255.0 - self.mean) / self.std)
 
 
 def fold_batch_norm(model):
@@ -90,7 +95,8 @@ def predictor_logits(prefix, x):
 
 def build_parser():
     p = cli.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model_path", required=True, metavar="CKPT", help="checkpoint written by train.py (required)")
+    p.add_argument("--model_path", required=True, metavar="CKPT", type=cli.path_argument,
+                   help="checkpoint written by train.py (required)")
     p.add_argument("--out", required=True, metavar="PREFIX", type=cli.path_argument,
                    help="path prefix of the files to write, e.g. exported/model (required)")
     p.add_argument("--sgd", action="store_true", help="export the SGD weights (default: SWA's)")
@@ -103,23 +109,21 @@ def build_parser():
 
 
 def export(args):
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise errors.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
-                                "writable; create it or choose another --out")
+    if not os.path.basename(args.out) or os.path.isdir(args.out):
+        raise errors.UsageError(f"--out {args.out} names a folder; give a path prefix in it, "
+                                f"e.g. {os.path.join(args.out, 'model')}")
     outputs = [args.out + ".json", args.out + ".pdiparams"]
-    if any(os.path.exists(p) for p in outputs) and not args.overwrite:
-        raise errors.UsageError(f"--out {args.out}: {args.out}.json or .pdiparams exists; choose "
-                                "another prefix or pass --overwrite")
+    for path in outputs:  # makes the folder, as train.py makes --dir
+        cli.check_output(path, "--out", args.overwrite, what="path prefix")
     ckpt = checkpoints.load_checkpoint(args.model_path)
     trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
                                   args.data_path, args.batch_size, args.device, args.threads)
     model, ds = trained.model, trained.ds
     weights = "SGD" if args.sgd or not ckpt.get("swa_n") else "SWA"
     scoring.evaluate_weights(trained, ckpt, weights, args.model_path)  # loads, refreshes if stale
-    network = Normalized(model, ds.mean, ds.std)
+    network = Normalized(model, ds.mean, ds.std, datasets.pixel_max(ds.name))
     network.eval()
-    x = ds.test.images[:min(len(ds.test), 64)].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    x = datasets.raw_test_images(ds)[:64].astype(np.float32).transpose(0, 3, 1, 2)
     with paddle.no_grad():
         dynamic = network(paddle.to_tensor(x)).numpy()  # before folding: folding is checked too
     folded = fold_batch_norm(model) if args.fold_bn else 0

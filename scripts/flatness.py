@@ -36,15 +36,15 @@ COLUMNS = ["kind", "start", "direction", "t", "distance", "train_loss", "train_e
 
 def build_parser():
     p = cli.ArgumentParser(prog="flatness.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model_path", required=True, metavar="CKPT",
+    p.add_argument("--model_path", required=True, metavar="CKPT", type=cli.path_argument,
                    help="checkpoint of a run with SWA (required)")
     p.add_argument("--out", required=True, metavar="DIR", type=cli.path_argument,
                    help="folder for flatness.csv and flatness.png (required)")
-    p.add_argument("--directions", type=cli.POSITIVE_INT, default=5,
+    p.add_argument("--directions", type=cli.number(int, 1, 100), default=5,
                    help="random directions from each of SWA and SGD (default: 5)")
-    p.add_argument("--max_distance", type=cli.POSITIVE_FLOAT,
+    p.add_argument("--max_distance", type=cli.number(float, 0, 1e6, low_open=True),
                    help="how far along each direction (default: half the norm |w_SWA|)")
-    p.add_argument("--points", type=cli.number(int, 2), default=11,
+    p.add_argument("--points", type=cli.number(int, 2, 1001), default=11,
                    help="points along each direction and along the line (default: 11)")
     p.add_argument("--bn_batches", type=cli.POSITIVE_INT,
                    help="training batches for each BatchNorm refresh (default: all)")
@@ -183,6 +183,8 @@ def plot(rows, gap, out):
 def flatness(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise errors.UsageError(f"--out {args.out} is a file; give a folder")
+    for name in ("flatness.csv", "flatness.png"):  # checked (and the folder made) before work
+        cli.check_output(os.path.join(args.out, name), "--out", overwrite=True)
     ckpt = checkpoints.load_checkpoint(args.model_path)
     if not ckpt.get("swa_n") or ckpt.get("swa_state_dict") is None:
         raise errors.UsageError(f"{args.model_path} holds no SWA average; give a checkpoint of a run "

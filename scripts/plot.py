@@ -5,6 +5,7 @@
 
 Reads each run directory's metrics.csv (written by train.py).
 """
+import csv
 import os
 import sys
 
@@ -23,6 +24,15 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(directory, "metrics.csv")):
             print(f"plot.py: error: {directory} has no metrics.csv; give run directories written "
                   "by train.py", file=sys.stderr)
+            return 2
+        try:
+            rows = report.read_metrics(directory)
+        except (OSError, ValueError, KeyError, csv.Error):
+            rows = None
+        if not rows or not {"ep", "lr", report.split_of(rows[0]) + "_acc"} <= set(rows[0]):
+            print(f"plot.py: error: {os.path.join(directory, 'metrics.csv')} holds no rows of "
+                  "train.py's table (ep, lr, te_acc or val_acc); give run directories written by "
+                  "train.py", file=sys.stderr)
             return 2
     out = args.out or (os.path.join(args.dirs[0], "convergence.png") if len(args.dirs) == 1
                        else "convergence.png")

@@ -43,13 +43,14 @@ def test_exported_model_gives_the_swa_logits_in_paddle_inference_and_jit_load(ch
     assert result.returncode == 0, result.stderr
     assert f"{prefix}.json, {prefix}.pdiparams" in result.stdout
     assert ("3 BatchNorm layers folded" in result.stdout) == fold
-    images = data.load_dataset("digits").test.images[:50].astype(np.float32).transpose(0, 3, 1, 2)
-    expected = _swa_logits(checkpoint, images)
-    np.testing.assert_allclose(export.predictor_logits(prefix, images / 255.0), expected, rtol=1e-4, atol=1e-4)
+    scaled = data.load_dataset("digits").test.images[:50].astype(np.float32).transpose(0, 3, 1, 2)
+    expected = _swa_logits(checkpoint, scaled)
+    with np.load(data.DIGITS_FILE) as f:  # the exported program takes the file's raw pixels, 0..16
+        raw = f["test_images"][:50, None].astype(np.float32)
+    np.testing.assert_allclose(export.predictor_logits(prefix, raw), expected, rtol=1e-4, atol=1e-4)
     loaded = paddle.jit.load(prefix)
     loaded.eval()
-    np.testing.assert_allclose(loaded(paddle.to_tensor(images / 255.0)).numpy(), expected,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(loaded(paddle.to_tensor(raw)).numpy(), expected, rtol=1e-4, atol=1e-4)
     one_line_error(run_main(export.main, "--model_path", checkpoint, "--out", prefix), "--overwrite")
 
 
@@ -81,3 +82,25 @@ def test_flatness_starts_at_evals_values_and_its_line_passes_both_checkpoints(ch
         assert float(row["test_loss"]) == pytest.approx(nll, abs=1e-4)
     far = [float(r["train_loss"]) for r in rows if r["kind"] == "ray" and r["start"] == "SWA"]
     assert far[-1] > far[0]  # the loss rises away from the average
+
+
+def test_the_readmes_inference_snippet_runs_quietly_and_scores_as_eval(checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = "# Paddle Inference" + readme.split("```python\n# Paddle Inference")[1].split("```")[0]
+    export = run_main(script("export").main, "--model_path", checkpoint, "--out",
+                      tmp_path / "exported" / "digits")
+    assert export.returncode == 0, export.stderr
+    os.symlink(os.path.join(ROOT, "data"), tmp_path / "data")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines[:5]  # quiet: the answer only
+    accuracy = float(re.search(r"accuracy ([\d.]+)%", lines[0])[1])
+    assert accuracy == pytest.approx(_eval_scores("--model_path", checkpoint)[0], abs=1e-4)
