@@ -8,6 +8,7 @@ dataset and data path come from the checkpoint unless given. With --swag_samples
 trained with --swag), SGD, SWA and SWAG's Bayesian model average are compared.
 """
 import argparse
+import os
 import sys
 
 import harness
@@ -20,14 +21,15 @@ EXAMPLES = """examples:
   python eval.py --model_path runs/digits/checkpoint-60.pdparams
   python eval.py --model_path runs/digits/checkpoint-60.pdparams --sgd
   python eval.py --model_path runs/swag/checkpoint-60.pdparams --swag_samples 30 --reliability calibration.png
+  python eval.py --model_path runs/fge/checkpoint-12.pdparams --ensemble
 """
 
 
 def build_parser():
     p = cli.ArgumentParser(prog="eval.py", description="Evaluate an SGD/SWA checkpoint on the test set.",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, metavar="CKPT", type=cli.path_argument,
-                   help="checkpoint written by train.py (required)")
+    p.add_argument("--model_path", metavar="CKPT", type=cli.path_argument,
+                   help="checkpoint written by train.py (required, unless --ensemble_of is given)")
     p.add_argument("--sgd", action="store_true",
                    help="evaluate the SGD weights even if the checkpoint has SWA weights (default: off)")
     p.add_argument("--bn_update", action="store_true",
@@ -44,6 +46,14 @@ def build_parser():
                       help="sample from the diagonal covariance only, SWAG-diagonal (default: off)")
     swag.add_argument("--seed", type=cli.SEED, default=0,
                       help="seed of the samples; sample i uses seed + i (default: 0)")
+    fge = p.add_argument_group("ensembles (FGE: checkpoints of train.py --fge)")
+    fge.add_argument("--ensemble", action="store_true",
+                     help="also score the FGE ensemble of the checkpoint's run: the predicted "
+                          "probabilities of its snapshots (fge-<epoch>.pdparams beside it) "
+                          "averaged, beside SGD and SWA (default: off)")
+    fge.add_argument("--ensemble_of", nargs="+", metavar="CKPT", type=cli.path_argument,
+                     help="score the ensemble of these checkpoints' SGD weights (one architecture "
+                          "and dataset: snapshots, several runs, a deep ensemble) (default: none)")
     p.add_argument("--reliability", metavar="PNG",
                    help="draw reliability diagrams (SGD, SWA and, with --swag_samples, SWAG side "
                         "by side) into this PNG (default: none)")
@@ -61,8 +71,9 @@ def evaluate(args):
     trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
                                   args.data_path, args.batch_size, args.device, args.threads)
     has_swa = bool(ckpt.get("swa_n")) and ckpt.get("swa_state_dict") is not None
-    compare = args.swag_samples or args.reliability
-    wanted = ["SGD", "SWA"] if compare else ["SWA" if has_swa and not args.sgd else "SGD"]
+    compare = args.swag_samples or args.reliability or args.ensemble
+    wanted = [] if args.ensemble_of else ["SGD", "SWA"] if compare else \
+        ["SWA" if has_swa and not args.sgd else "SGD"]
     results = {weights: scoring.evaluate_weights(trained, ckpt, weights, args.model_path,
                                                  args.bn_update)
                for weights in wanted if weights == "SGD" or has_swa}
@@ -71,9 +82,29 @@ def evaluate(args):
                                                    args.swag_scale, args.swag_diag, args.seed)
         results["SWAG"] = dict(scoring.scores(probs, labels), count=len(labels), probs=probs,
                                labels=labels, swag_n=swag.n, rank=len(swag.deviations))
+    members = ensemble_paths(args, ckpt)
+    if members:
+        probs, labels, _ = scoring.ensemble(trained, members)
+        results["FGE" if args.ensemble else "ensemble"] = dict(
+            scoring.scores(probs, labels), count=len(labels), probs=probs, labels=labels,
+            members=[os.path.basename(p) for p in members])
     info = dict(model=trained.model_name, dataset=trained.ds.name, swa_n=ckpt.get("swa_n"),
                 position=checkpoints.describe_position(int(ckpt["epoch"]), int(ckpt.get("step") or 0)))
     return results, info
+
+
+def ensemble_paths(args, ckpt):
+    """The checkpoints of the ensemble asked for: --ensemble_of's, or with --ensemble the FGE
+    snapshots the checkpoint lists (beside it); UsageError if it lists none."""
+    if args.ensemble_of:
+        return list(args.ensemble_of)
+    if not args.ensemble:
+        return []
+    names = ckpt.get("fge_snapshots") or []
+    if not names:
+        raise errors.UsageError(f"--ensemble: {args.model_path} lists no FGE snapshot (train "
+                                "with --fge, and use a checkpoint after the first snapshot)")
+    return [os.path.join(os.path.dirname(os.path.abspath(args.model_path)), n) for n in names]
 
 
 def describe(weights, result, info, args):
@@ -82,6 +113,10 @@ def describe(weights, result, info, args):
     if weights == "SWA":
         return f"SWA weights (average of {info['swa_n']} models" + (
             ", BatchNorm statistics recomputed)" if result["refreshed"] else ")")
+    if weights in ("FGE", "ensemble"):
+        kind = "FGE ensemble of" if weights == "FGE" else "ensemble of"
+        return (f"{kind} {len(result['members'])} checkpoints "
+                f"({', '.join(result['members'])}; probabilities averaged)")
     kind = "diagonal" if args.swag_diag else f"diagonal + rank {result['rank']}"
     return (f"SWAG ({args.swag_samples} samples, scale {args.swag_scale:g}, {kind} covariance, "
             f"from {result['swag_n']} models)")
@@ -89,13 +124,20 @@ def describe(weights, result, info, args):
 
 def check_flags(args):
     """Refuse contradicting flags and an unwritable --reliability before any work."""
+    if not (args.model_path or args.ensemble_of):
+        raise errors.UsageError("give --model_path CKPT (or --ensemble_of CKPT ...)")
+    if args.ensemble and args.ensemble_of:
+        raise errors.UsageError("--ensemble scores a run's FGE snapshots, --ensemble_of the "
+                                "checkpoints given: choose one")
+    args.model_path = args.model_path or args.ensemble_of[0]
     if args.reliability:
         cli.check_output(args.reliability, "--reliability", args.overwrite,
                          (".png", ".pdf", ".svg", ".jpg", ".jpeg"), what="figure")
     if (args.swag_diag or args.swag_scale != 0.5) and not args.swag_samples:
         raise errors.UsageError("--swag_diag and --swag_scale shape the SWAG samples: add --swag_samples S")
-    if args.sgd and (args.swag_samples or args.reliability):
-        flag = "--swag_samples" if args.swag_samples else "--reliability"
+    if args.sgd and (args.swag_samples or args.reliability or args.ensemble or args.ensemble_of):
+        flag = next(f"--{name}" for name in ("swag_samples", "reliability", "ensemble", "ensemble_of")
+                    if getattr(args, name))
         raise errors.UsageError(f"--sgd chooses the weights of a single evaluation; {flag} "
                                 "compares SGD and SWA (and SWAG) side by side: drop --sgd")
 

@@ -29,13 +29,15 @@ EXAMPLES = """examples:
 # change on resume (--epochs only upward); so may the number of processes, at an epoch end.
 IDENTITY = ("model", "dataset", "seed", "batch_size", "label_noise", "normalization", "lr_init",
             "momentum", "wd", "lr_schedule", "swa", "swa_start", "swa_lr", "swa_c_epochs",
-            "ema_decay", "ema_warmup", "swag", "swag_rank", "val_size", "amp", "amp_dtype")
+            "ema_decay", "ema_warmup", "swag", "swag_rank", "val_size", "amp", "amp_dtype",
+            "fge", "fge_cycle", "fge_lr1", "fge_lr2")
 MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--data_path",
               "--num_workers", "--no_download", "--no_visualdl", "--init", "--device", "--threads",
               "the number of processes (at an epoch's end)")
 # Values of flags newer than a checkpoint, as the code that wrote it behaved.
 LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
-          "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16"}
+          "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16",
+          "fge": False, "fge_cycle": 4, "fge_lr1": 0.05, "fge_lr2": 0.0005}
 
 
 
@@ -129,6 +131,20 @@ def build_parser():
                           "weights (default: off)")
     swa.add_argument("--swag_rank", type=cli.number(int, 2), default=20, metavar="K",
                      help="deviations SWAG keeps for its low-rank covariance (default: 20)")
+    fge = p.add_argument_group("FGE (Garipov et al., NeurIPS 2018)")
+    fge.add_argument("--fge", action="store_true",
+                     help="Fast Geometric Ensembling: from --swa_start on, cycles of --fge_cycle "
+                          "epochs with a triangular rate per iteration (--fge_lr1 down to --fge_lr2 "
+                          "at each cycle's midpoint and back), a snapshot DIR/fge-<epoch>.pdparams at "
+                          "each midpoint, for eval.py --ensemble; with --swa the same snapshots are "
+                          "averaged (default: off)")
+    fge.add_argument("--fge_cycle", type=cli.number(int, 2), default=4, metavar="C",
+                     help="cycle length in epochs, 2 or 4 in the paper; an odd one snapshots at the "
+                          "end of the epoch holding the midpoint (default: 4)")
+    fge.add_argument("--fge_lr1", type=cli.POSITIVE_FLOAT, default=0.05, metavar="LR",
+                     help="the rate at each cycle's start and end (default: 0.05)")
+    fge.add_argument("--fge_lr2", type=cli.POSITIVE_FLOAT, default=0.0005, metavar="LR",
+                     help="the rate at each cycle's midpoint, where the snapshot is taken (default: 0.0005)")
     swa.add_argument("--init", metavar="WEIGHTS", type=cli.path_argument,
                      help="start from these weights: a .pdparams state dict or a checkpoint of "
                           "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
@@ -155,6 +171,12 @@ def parse_args(argv=None):
             raise errors.UsageError(f"--{flag} needs --swa (it says when averaging starts: --swa_start)")
     if args.ema_warmup and args.ema_decay is None:
         raise errors.UsageError("--ema_warmup warms up an EMA's decay: add --ema_decay D")
+    if args.fge and (args.ema_decay is not None or args.swag):
+        raise errors.UsageError("--fge snapshots at its cycles' midpoints, which an EMA or SWAG does "
+                                "not follow: drop --ema_decay/--swag, or --fge")
+    if args.fge and args.lr_schedule == "cyclic":
+        raise errors.UsageError("--fge brings its own cyclic rate from --swa_start on: drop "
+                                "--lr_schedule cyclic")
     if args.swag and args.ema_decay is not None:
         raise errors.UsageError("--swag fits a Gaussian around SWA's equal average: drop --ema_decay")
     try:
@@ -167,6 +189,10 @@ def parse_args(argv=None):
 
 
 def check_epochs(args):
+    first = args.swa_start + (args.fge_cycle + 1) // 2  # FGE's first snapshot
+    if args.fge and first > args.epochs:
+        raise errors.UsageError(f"--fge: the first snapshot is after epoch {first}, beyond "
+                                f"--epochs {args.epochs}; lower --swa_start or raise --epochs")
     if args.swa and args.swa_start > args.epochs:
         raise errors.UsageError(f"--swa_start {args.swa_start} is beyond --epochs {args.epochs}: no "
                                 "model would be averaged; lower --swa_start or raise --epochs")
@@ -203,9 +229,7 @@ def train_loop(run, start, stop):
     run.log(report.format_row({}, run.columns, header=True))
     for epoch in range(start.epoch, args.epochs):
         started = time.time()
-        lr_at = lambda step: schedules.learning_rate(  # noqa: E731
-            args.lr_schedule, epoch, step, steps, args.lr_init, args.epochs,
-            args.swa_start if swa else None, args.swa_lr, args.swa_c_epochs)
+        lr_at = epoch_rate(args, epoch, steps)
         tr = train_epoch(run, epoch, start, lr_at, stop)
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
@@ -213,6 +237,8 @@ def train_loop(run, start, stop):
                "skipped": tr["skipped"],
                "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
         synchronise(run)
+        if args.fge and schedules.is_fge_snapshot_epoch(epoch + 1, args.swa_start, args.fge_cycle):
+            run.snapshot(epoch + 1)
         evaluate = training.evaluation_epoch(epoch, args.eval_freq, args.epochs)
         if evaluate:
             row.update(training.eval_columns(run, run.model))
@@ -246,11 +272,26 @@ def test_once(run):
         f"{values[next(k for k in values if k.endswith('acc'))]:.4f}" for name, values in scores))
 
 
+def epoch_rate(args, epoch, steps):
+    """The rate of each batch of 0-based `epoch`, as a function of the batch: FGE's cycles from
+    --swa_start on with --fge, else --lr_schedule (towards --swa_lr with --swa or --fge)."""
+    if args.fge and epoch >= args.swa_start:
+        return lambda step: schedules.fge_lr(epoch, step, steps, args.swa_start, args.fge_cycle,
+                                             args.fge_lr1, args.fge_lr2)
+    start = args.swa_start if args.swa or args.fge else None
+    return lambda step: schedules.learning_rate(args.lr_schedule, epoch, step, steps, args.lr_init,
+                                                args.epochs, start, args.swa_lr, args.swa_c_epochs)
+
+
 def averaging_epoch(run, epoch):
-    """Whether 0-based `epoch` adds to the average: SWA's averaging epochs, or, for an EMA
-    (updated after every step), every epoch from --swa_start on."""
+    """Whether 0-based `epoch` adds to the average: SWA's averaging epochs (FGE's snapshot
+    epochs with --fge), or, for an EMA (updated after every step), every epoch from
+    --swa_start on."""
     if run.average == "ema":
         return epoch + 1 >= run.args.swa_start
+    if run.args.fge:
+        return run.swa is not None and schedules.is_fge_snapshot_epoch(
+            epoch + 1, run.args.swa_start, run.args.fge_cycle)
     return run.swa is not None and schedules.is_swa_epoch(epoch + 1, run.args.swa_start,
                                                           run.args.swa_c_epochs)
 

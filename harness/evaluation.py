@@ -111,6 +111,26 @@ def swag_average(ckpt, trained, samples, scale, diagonal, seed):
     return total / samples, labels, swag
 
 
+def ensemble(trained, paths):
+    """The ensemble of the SGD weights of the checkpoints at `paths` (one architecture and
+    dataset, `trained`'s): their predicted probabilities on the test set averaged, as FGE's
+    authors do (not logits, not weights). One model is held, each file read once. Returns
+    (mean probabilities, labels, each member's scores)."""
+    total, labels, members = None, None, []
+    for path in paths:
+        ckpt = checkpoints.load_checkpoint(path)
+        saved = ckpt.get("args") or {}
+        dataset = ckpt.get("dataset") or saved.get("dataset")
+        if dataset is not None and dataset != trained.ds.name:
+            raise errors.UsageError(f"{path} is of {dataset}, the ensemble of {trained.ds.name}: "
+                                    "an ensemble needs checkpoints of one dataset")
+        checkpoints.load_weights(trained.model, ckpt["state_dict"], source=path)
+        probs, labels = predict(trained.model, trained.ds, trained.batch_size)
+        members.append(scores(probs, labels))
+        total = probs if total is None else total + probs
+    return total / len(paths), labels, members
+
+
 # --------------------------------------------------------------------------- figures
 
 def plot_reliability(results, out):

@@ -14,6 +14,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -26,7 +27,7 @@ from harness import checkpoints, errors, files
 RECORD = "run.json"
 LOCK = ".lock"
 # What a run writes into its directory; the lock file is not part of a run.
-RUN_FILES = ["checkpoint-*.pdparams", "metrics.csv", "command.sh", "args.json", RECORD, "vdl",
+RUN_FILES = ["checkpoint-*.pdparams", "fge-*.pdparams", "metrics.csv", "command.sh", "args.json", RECORD, "vdl",
              "convergence.png"]
 
 
@@ -72,6 +73,8 @@ def is_run_file(name):
     or checkpoint-010.pdparams is not one)."""
     if name.startswith("checkpoint-"):
         return checkpoints.parse_checkpoint_name(name) is not None
+    if name.startswith("fge-"):
+        return re.fullmatch(r"fge-(0|[1-9]\d*)\.pdparams", name) is not None
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
 
 
@@ -226,6 +229,9 @@ def _plan(args, identity, legacy):
 def _plan_resume(args, path, previous, record, identity, legacy):
     """(The plan for resuming from checkpoint `path`, the checkpoint), once it fits the run."""
     ckpt = checkpoints.load_checkpoint(path)
+    if ckpt.get("fge_snapshot"):
+        raise errors.UsageError(f"--resume {path} is an FGE snapshot, not a training checkpoint; "
+                                "resume from one of the run's checkpoint-*.pdparams")
     if ckpt.get("averaged_from"):
         raise errors.UsageError(f"--resume {path} is an offline average of checkpoints "
                                 "(average_checkpoints.py), not a training checkpoint; resume from "

@@ -238,3 +238,33 @@ def _check_rates(value):
                 or rate <= 0:
             raise ValueError(f"swa_lr must be > 0 (one rate, or one per parameter group), got {value!r}")
     return [float(r) for r in rates] if isinstance(value, (list, tuple)) else float(value)
+
+
+def fge_lr(epoch, step, steps_per_epoch, start, cycle, lr1, lr2):
+    """Fast Geometric Ensembling's triangular rate (Garipov et al., NeurIPS 2018), per
+    iteration, for 0-based `epoch` >= `start` (the 1-based epochs after start form cycles of
+    `cycle` epochs): t = ((epoch - start) mod cycle + step / steps) / cycle falls from lr1 to
+    lr2 at the cycle's midpoint (t = 1/2) and climbs back to lr1 at its end:
+    (1 - 2t) lr1 + 2t lr2 for t < 1/2, else (2t - 1) lr1 + (2 - 2t) lr2.
+
+    Example:
+        >>> [fge_lr(e, 0, 10, start=6, cycle=2, lr1=0.05, lr2=0.005) for e in (6, 7, 8)]
+        [0.05, 0.005, 0.05]
+    """
+    t = ((epoch - start) % cycle + step / steps_per_epoch) / cycle
+    if t < 0.5:
+        return (1.0 - 2.0 * t) * lr1 + 2.0 * t * lr2
+    return (2.0 * t - 1.0) * lr1 + (2.0 - 2.0 * t) * lr2
+
+
+def is_fge_snapshot_epoch(epoch, start, cycle):
+    """Whether FGE takes a snapshot after 1-based `epoch`: at each cycle's midpoint, the rate's
+    low point, i.e. after epochs start + c/2, start + 3c/2, ... For an odd cycle the midpoint
+    falls inside an epoch: the snapshot is taken at that epoch's end, start + ceil(c/2) + k c.
+
+    Example:
+        >>> [e for e in range(1, 13) if is_fge_snapshot_epoch(e, start=6, cycle=2)]
+        [7, 9, 11]
+    """
+    into = epoch - start - (cycle + 1) // 2
+    return into >= 0 and into % cycle == 0

@@ -75,6 +75,7 @@ class Run:
     swa: utils.SWA | None           # the average: SWA's, an EMA, or SWAG (whose mean is SWA)
     plan: rundir.Plan
     amp: engine.MixedPrecision | None = None
+    snapshots: list = dataclasses.field(default_factory=list)   # FGE's, file names in --dir
     sync_every: int = 1
     metrics: report.MetricsFile | None = None   # rank 0 only, like the two below
     visualdl: report.VisualDLLog | None = None
@@ -134,12 +135,26 @@ class Run:
                 optimizer=self.optimizer.state_dict(), **swa, rng=checkpoints.get_rng_state(),
                 rank_state=ranks, args=vars(self.args), run_id=self.plan.run_id,
                 amp_scaler=self.amp.state_dict() if self.amp else None,
+                fge_snapshots=list(self.snapshots),
                 world_size=self.env.world_size, **checkpoints.setting_of(self.args.model, self.ds))
             if not step:  # step checkpoints before this epoch are superseded
                 for (e, s), old in checkpoints.list_checkpoints(self.args.dir).items():
                     if s and e < epoch:
                         os.unlink(old)
         return path
+
+    def snapshot(self, epoch):
+        """FGE's snapshot after `epoch`: DIR/fge-<epoch>.pdparams, a checkpoint of the SGD
+        weights (with their BatchNorm statistics) that eval.py reads on its own. Rank 0 writes
+        it; every rank lists it (a resume rewrites the same file, never a second one)."""
+        name = f"fge-{epoch}.pdparams"
+        if self.env.is_master:
+            checkpoints.write_checkpoint(
+                os.path.join(self.args.dir, name), epoch, state_dict=self.model.state_dict(),
+                optimizer={}, swa_state_dict=None, swa_n=None, fge_snapshot=True,
+                args=vars(self.args), run_id=self.plan.run_id,
+                **checkpoints.setting_of(self.args.model, self.ds))
+        self.snapshots = [n for n in self.snapshots if n != name] + [name]
 
     def restore(self, path, ckpt=None):
         """Load checkpoint `path` (or `ckpt`, already read from it) into the run; returns the Start."""
@@ -164,6 +179,7 @@ class Run:
             raise errors.CheckpointError(f"cannot resume from {path}: {e}") from None
         if self.amp:
             self.amp.load_state_dict(ckpt.get("amp_scaler"))
+        self.snapshots = list(ckpt.get("fge_snapshots") or [])
         if ckpt.get("rng") is not None:
             checkpoints.set_rng_state(ckpt["rng"])
         partial = ckpt.get("partial")
@@ -327,6 +343,7 @@ def describe(run, device, cpu):
             + (f" = {env.world_size} processes x {args.batch_size // env.world_size}"
                if env.enabled else "")
             + (f"; AMP {args.amp} {args.amp_dtype}" if args.amp else "")
+            + (f"; FGE from epoch {args.swa_start}, cycles of {args.fge_cycle}" if args.fge else "")
             + kind + (f" + SWAG (rank {args.swag_rank})" if args.swag else "")
             + f", {args.lr_schedule} schedule"
             + (f"; resuming from {run.plan.resume}" if run.plan.resume else "")

@@ -26,6 +26,10 @@ sys.path.insert(0, ROOT)
 from harness import cli, errors  # noqa: E402
 
 METRICS = ("accuracy", "nll", "ece")
+# method -> (what eval.py prints: the name in the results)
+METHODS = {"sgd": {"SGD": "SGD"}, "swa": {"SWA": "SWA"}, "fge": {"FGE": "FGE"},
+           "swa1.5": {"SWA": "SWA 1.5 budgets"}}
+ORDER = ("SGD", "FGE", "SWA", "SWA 1.5 budgets", "SWAG-diag", "SWAG")
 LABELS = {"accuracy": "test accuracy (%)", "nll": "test NLL", "ece": "test ECE (%)"}
 
 
@@ -46,6 +50,16 @@ def build_parser():
     p.add_argument("--swag_samples", type=cli.NON_NEGATIVE_INT, default=0, metavar="S",
                    help="also fit SWAG in the SWA runs and score SWAG-diagonal and SWAG with S "
                         "samples each (default: 0, off)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["sgd", "swa"],
+                   help="what to train and score: sgd, swa (with SWAG when --swag_samples), fge "
+                        "(eval.py --ensemble of its snapshots), swa1.5 (SWA trained 1.5 budgets, "
+                        "as the paper reports) (default: sgd swa)")
+    p.add_argument("--fge_cycle", type=cli.number(int, 2), default=2,
+                   help="FGE's cycle in epochs (default: 2)")
+    p.add_argument("--fge_lr1", type=cli.POSITIVE_FLOAT, default=0.05,
+                   help="FGE's rate at a cycle's ends (default: 0.05)")
+    p.add_argument("--fge_lr2", type=cli.POSITIVE_FLOAT, default=0.005,
+                   help="FGE's rate at a cycle's midpoint (default: 0.005)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="auto uses the GPUs when Paddle has them: one run per visible GPU at a "
                         "time; on a CPU, --jobs runs of one thread each (default: auto)")
@@ -61,7 +75,10 @@ def visible_gpus(choice):
     """The GPU ids runs may use ([] for CPU runs); --device gpu without one is an error."""
     if choice == "cpu":
         return []
-    from harness import runtime  # Paddle is imported only here: the CPU path starts fast
+    import harness  # Paddle is imported only here: the CPU path starts fast
+
+    harness.prepare()  # before Paddle loads
+    from harness import runtime
 
     if not runtime.has_gpu():
         if choice == "gpu":
@@ -72,28 +89,37 @@ def visible_gpus(choice):
     return list(range(paddle.device.cuda.device_count()))
 
 
+def epochs_of(args, method):
+    return int(round(1.5 * args.epochs)) if method == "swa1.5" else args.epochs
+
+
 def train_command(args, method, seed, extra, device):
+    epochs = epochs_of(args, method)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", args.dataset,
-               "--model", args.model, "--epochs", str(args.epochs), "--seed", str(seed),
-               "--label_noise", str(args.label_noise), "--eval_freq", str(args.epochs),
-               "--save_freq", str(args.epochs), "--no_visualdl", "--device", device,
+               "--model", args.model, "--epochs", str(epochs), "--seed", str(seed),
+               "--label_noise", str(args.label_noise), "--eval_freq", str(epochs),
+               "--save_freq", str(epochs), "--no_visualdl", "--device", device,
                "--dir", run_dir(args, method, seed)]
     if device == "cpu":
         command += ["--threads", "1"]
-    if method == "swa":
+    if method in ("swa", "swa1.5"):
         command += ["--swa", "--swa_start", str(args.swa_start), "--swa_lr", str(args.swa_lr)]
-        command += ["--swag"] if args.swag_samples else []
+        command += ["--swag"] if args.swag_samples and method == "swa" else []
+    if method == "fge":
+        command += ["--fge", "--swa_start", str(args.swa_start), "--swa_lr", str(args.swa_lr),
+                    "--fge_cycle", str(args.fge_cycle), "--fge_lr1", str(args.fge_lr1),
+                    "--fge_lr2", str(args.fge_lr2)]
     return command + (["--overwrite"] if args.overwrite else []) + extra
 
 
 def eval_commands(args, method, seed, device):
     """eval.py calls scoring a finished run: ({weights eval.py prints: method}, command)."""
-    path = os.path.join(run_dir(args, method, seed), f"checkpoint-{args.epochs}.pdparams")
+    path = os.path.join(run_dir(args, method, seed), f"checkpoint-{epochs_of(args, method)}.pdparams")
     base = [sys.executable, os.path.join(ROOT, "eval.py"), "--model_path", path, "--device", device]
-    if method == "sgd":
-        return [({"SGD": "SGD"}, base)]
-    if not args.swag_samples:
-        return [({"SWA": "SWA"}, base)]
+    if method == "fge":
+        return [(METHODS[method], base + ["--ensemble"])]
+    if method != "swa" or not args.swag_samples:
+        return [(METHODS[method], base)]
     swag = base + ["--swag_samples", str(args.swag_samples)]
     return [({"SWA": "SWA", "SWAG": "SWAG"}, swag), ({"SWAG": "SWAG-diag"}, swag + ["--swag_diag"])]
 
@@ -106,7 +132,7 @@ def parse_scores(output):
     """{weights: {accuracy, nll, ece}} from eval.py's lines."""
     found = {}
     for line in output.splitlines():
-        match = re.match(r"(SGD|SWA|SWAG)\b.*: accuracy ([\d.]+)%  NLL ([\d.]+)  ECE ([\d.]+)%", line)
+        match = re.match(r"(SGD|SWA|SWAG|FGE)\b.*: accuracy ([\d.]+)%  NLL ([\d.]+)  ECE ([\d.]+)%", line)
         if match:
             found[match[1]] = dict(zip(METRICS, map(float, match.groups()[1:])))
     return found
@@ -141,12 +167,12 @@ def run_all(args, extra):
             slots.put(slot)
 
     results = {}
-    jobs = [(method, seed) for seed in args.seeds for method in ("sgd", "swa")]
+    jobs = [(method, seed) for seed in args.seeds for method in args.methods]
     with ThreadPoolExecutor(slots.qsize()) as pool:
         for (_, seed), scores in pool.map(run, jobs):
             for name, values in scores.items():
                 results.setdefault(name, {})[seed] = values
-    return {name: results[name] for name in ("SGD", "SWA", "SWAG-diag", "SWAG") if name in results}
+    return {name: results[name] for name in ORDER if name in results}
 
 
 def summary(values):
@@ -159,7 +185,8 @@ def plot(results, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"SGD": "tab:blue", "SWA": "tab:red", "SWAG-diag": "tab:olive", "SWAG": "tab:green"}
+    colours = {"SGD": "tab:blue", "SWA": "tab:red", "SWAG-diag": "tab:olive", "SWAG": "tab:green",
+               "FGE": "tab:purple", "SWA 1.5 budgets": "tab:orange"}
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
     for axis, metric in zip(axes, METRICS):
         for x, (method, by_seed) in enumerate(results.items()):
@@ -182,6 +209,8 @@ def compare(argv):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.swag_samples and "swa" not in args.methods:
+        raise errors.UsageError("--swag_samples fits SWAG in the swa runs: add swa to --methods")
     if len(set(args.seeds)) != len(args.seeds):
         raise errors.UsageError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give "
                                 "each seed once")
@@ -199,10 +228,10 @@ def compare(argv):
     swag = f"; SWAG from {args.swag_samples} samples" if args.swag_samples else ""
     print(f"{args.model} on {args.dataset}, {args.epochs} epochs each{noise}; SWA from epoch "
           f"{args.swa_start} at lr {args.swa_lr}{swag}; seeds {' '.join(map(str, args.seeds))}")
-    print(f"{'method':10s} {'test accuracy (%)':>20s} {'test NLL':>18s} {'test ECE (%)':>16s}")
+    print(f"{'method':16s} {'test accuracy (%)':>20s} {'test NLL':>18s} {'test ECE (%)':>16s}")
     for method, by_seed in results.items():
         cells = [summary([v[m] for v in by_seed.values()]) for m in METRICS]
-        print(f"{method:10s} {cells[0][0]:12.2f} +- {cells[0][1]:4.2f} {cells[1][0]:10.4f} +- "
+        print(f"{method:16s} {cells[0][0]:12.2f} +- {cells[0][1]:4.2f} {cells[1][0]:10.4f} +- "
               f"{cells[1][1]:6.4f} {cells[2][0]:9.2f} +- {cells[2][1]:4.2f}")
     out = os.path.join(args.out_dir, "compare.png")
     plot(results, out)

@@ -166,14 +166,15 @@ def test_compare_script_reports_every_method_with_eval_scores(tmp_path):
     out_dir = tmp_path / "cmp"
     result = run_script(os.path.join("scripts", "compare.py"), "--seeds", 1, "--epochs", 3,
                         "--swa_start", 2, "--label_noise", 0.2, "--swag_samples", 2,
-                        "--out_dir", out_dir)
+                        "--methods", "sgd", "swa", "fge", "swa1.5", "--out_dir", out_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "20% of training labels replaced" in result.stdout and "SWAG from 2 samples" in result.stdout
-    for method in ("SGD", "SWA", "SWAG-diag", "SWAG"):
+    for method in ("SGD", "FGE", "SWA", "SWA 1.5 budgets", "SWAG-diag", "SWAG"):
         assert re.search(rf"^{method}\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+$",
                          result.stdout, re.M), method
     lines = (out_dir / "compare.csv").read_text().splitlines()
-    assert lines[0] == "method,seed,test_acc,test_nll,test_ece" and len(lines) == 5
+    assert lines[0] == "method,seed,test_acc,test_nll,test_ece" and len(lines) == 7
+    assert (out_dir / "fge-seed1" / "fge-3.pdparams").exists()
     assert (out_dir / "compare.png").stat().st_size > 10_000
     swa_row = report.read_metrics(str(out_dir / "swa-seed1"))[-1]
     swa_line = next(line for line in lines if line.startswith("SWA,1,"))

@@ -1,0 +1,134 @@
+"""Fast Geometric Ensembling (train.py --fge, eval.py --ensemble/--ensemble_of): the schedule
+against its formula, the snapshots, the ensemble against probabilities averaged in numpy, and
+a resume after SIGKILL mid-cycle."""
+import os
+import re
+
+import numpy as np
+import paddle
+import pytest
+
+import eval as evaluation
+import models
+import train
+from harness import checkpoints, data, schedules
+from helpers import metrics_rows, one_line_error, run_main, run_script
+
+FGE = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "12", "--swa_start", "6", "--fge",
+       "--fge_cycle", "2", "--fge_lr1", "0.05", "--fge_lr2", "0.005", "--eval_freq", "1",
+       "--no_visualdl"]
+
+
+def _triangle(epoch1, i, steps, start, c, lr1, lr2):
+    """The authors' rate for 1-based epoch e > start, iteration i of steps (the issue's formula)."""
+    t = (((epoch1 - 1 - start) % c) + i / steps) / c
+    return (1 - 2 * t) * lr1 + 2 * t * lr2 if t < 0.5 else (2 * t - 1) * lr1 + (2 - 2 * t) * lr2
+
+
+@pytest.mark.parametrize("cycle", [2, 3, 4])
+def test_the_rate_is_the_triangle_of_the_formula(cycle):
+    for epoch1 in range(7, 7 + 2 * cycle):
+        for i in range(0, 12, 3):
+            assert schedules.fge_lr(epoch1 - 1, i, 12, 6, cycle, 0.05, 0.005) == pytest.approx(
+                _triangle(epoch1, i, 12, 6, cycle, 0.05, 0.005), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def fge_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fge") / "run"
+    result = run_main(train.main, *FGE, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_a_run_snapshots_at_each_midpoint_and_lists_them(fge_run):
+    assert sorted(n for n in os.listdir(fge_run) if n.startswith("fge-")) == \
+        ["fge-11.pdparams", "fge-7.pdparams", "fge-9.pdparams"]
+    lrs = {int(row["ep"]): row["lr"] for row in metrics_rows(fge_run)}
+    assert [lrs[e] for e in (7, 8, 9, 10)] == pytest.approx([0.05, 0.005, 0.05, 0.005])
+    ckpt = checkpoints.load_checkpoint(str(fge_run / "checkpoint-12.pdparams"))
+    assert ckpt["fge_snapshots"] == ["fge-7.pdparams", "fge-9.pdparams", "fge-11.pdparams"]
+
+
+def _probabilities(path):
+    """A snapshot's test-set probabilities, by hand: its weights, the training normalisation,
+    a numpy softmax."""
+    ckpt = checkpoints.load_checkpoint(str(path))
+    model = models.build("SimpleCNN", 10, 1)
+    model.set_state_dict(ckpt["state_dict"])
+    model.eval()
+    ds = data.load_dataset("digits")
+    mean, std = (np.array(ckpt["normalization"][k], np.float32) for k in ("mean", "std"))
+    x = (ds.test.images.astype(np.float32) / 255 - mean) / std
+    with paddle.no_grad():
+        logits = model(paddle.to_tensor(x.transpose(0, 3, 1, 2))).numpy().astype(np.float64)
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    return exp / exp.sum(1, keepdims=True), ds.test.labels
+
+
+def test_the_ensemble_is_the_mean_of_its_snapshots_probabilities(fge_run):
+    out = run_main(evaluation.main, "--model_path", fge_run / "checkpoint-12.pdparams", "--ensemble")
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("FGE ensemble of 3"))
+    accuracy, nll = (float(v) for v in re.search(r"accuracy ([\d.]+)%\s+NLL ([\d.]+)", line).groups())
+    members = [_probabilities(fge_run / f"fge-{e}.pdparams") for e in (7, 9, 11)]
+    probs, labels = np.mean([p for p, _ in members], axis=0), members[0][1]
+    assert accuracy == pytest.approx(100 * (probs.argmax(1) == labels).mean(), abs=1e-4)
+    assert nll == pytest.approx(-np.log(probs[np.arange(len(labels)), labels]).mean(), abs=1e-4)
+    member_nll = []
+    for e in (7, 9, 11):
+        alone = run_main(evaluation.main, "--model_path", fge_run / f"fge-{e}.pdparams", "--sgd")
+        member_nll.append(float(re.search(r"NLL ([\d.]+)", alone.stdout)[1]))
+    assert nll <= np.mean(member_nll)
+    of = run_main(evaluation.main, "--ensemble_of", *(fge_run / f"fge-{e}.pdparams" for e in (7, 9, 11)))
+    assert f"accuracy {accuracy:.4f}%  NLL {nll:.4f}" in of.stdout
+
+
+def test_a_run_killed_mid_cycle_resumes_bit_identically_with_the_same_snapshots(fge_run, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = run_script(os.path.join("tests", "interrupt.py"), "step", 80, "KILL", *FGE, "--dir", run_dir)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_main(train.main, *FGE, "--dir", run_dir, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ["checkpoint-12.pdparams", "fge-7.pdparams", "fge-9.pdparams", "fge-11.pdparams"]:
+        a = checkpoints.load_checkpoint(str(fge_run / name))["state_dict"]
+        b = checkpoints.load_checkpoint(str(run_dir / name))["state_dict"]
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=f"{name} {key}")
+    assert sorted(os.listdir(run_dir)) == sorted(os.listdir(fge_run))
+    assert metrics_rows(run_dir) == metrics_rows(fge_run)
+
+
+def test_fge_with_swa_averages_the_snapshots(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_main(train.main, *FGE, "--swa", "--swa_lr", "0.05", "--dir", run_dir).returncode == 0
+    ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-12.pdparams"))
+    assert ckpt["swa_n"] == 3
+    snapshots = [checkpoints.load_checkpoint(str(run_dir / f"fge-{e}.pdparams"))["state_dict"]
+                 for e in (7, 9, 11)]
+    np.testing.assert_allclose(ckpt["swa_state_dict"]["fc.weight"].numpy(),
+                               np.mean([s["fc.weight"].numpy() for s in snapshots], axis=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fge_refusals_are_one_line(fge_run, tmp_path):
+    one_line_error(run_main(train.main, *FGE, "--swa", "--ema_decay", "0.9", "--dir", tmp_path / "a"),
+                   "--fge snapshots at its cycles' midpoints")
+    one_line_error(run_main(train.main, *FGE, "--epochs", "6", "--dir", tmp_path / "b"),
+                   "--fge: the first snapshot is after epoch 7, beyond --epochs 6")
+    one_line_error(run_main(evaluation.main, "--model_path", fge_run / "checkpoint-0.pdparams",
+                            "--ensemble"), "lists no FGE snapshot")
+    one_line_error(run_main(train.main, *FGE, "--epochs", "14", "--dir", fge_run, "--resume",
+                            fge_run / "fge-11.pdparams"), "is an FGE snapshot, not a training checkpoint")
+
+
+def test_an_ensemble_of_other_datasets_is_refused(fge_run, tmp_path):
+    from helpers import write_mnist
+
+    write_mnist(str(tmp_path / "data"), train=24, test=8)
+    other = tmp_path / "mnist"
+    assert run_main(train.main, "--dataset", "mnist", "--data_path", tmp_path / "data", "--model",
+                    "SimpleCNN", "--epochs", "1", "--batch_size", "8", "--no_download",
+                    "--no_visualdl", "--dir", other).returncode == 0
+    one_line_error(run_main(evaluation.main, "--ensemble_of", fge_run / "fge-7.pdparams",
+                            other / "checkpoint-1.pdparams"), "is of MNIST", "one dataset")
