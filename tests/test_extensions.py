@@ -162,18 +162,26 @@ def test_label_noise_changes_exactly_that_fraction():
     np.testing.assert_array_equal(ds.labels, labels)  # the original is untouched
 
 
+def test_compare_trains_swa_for_one_and_a_half_budgets():
+    compare = script("compare")
+    args = compare.build_parser().parse_args(["--epochs", "60", "--swa_start", "40", "--methods", "swa1.5"])
+    command = compare.train_command(args, "swa1.5", 1, [], "cpu")
+    assert command[command.index("--epochs") + 1] == "90" and "--swa" in command
+    assert compare.eval_commands(args, "swa1.5", 1, "cpu")[0][1][3].endswith("checkpoint-90.pdparams")
+
+
 def test_compare_script_reports_every_method_with_eval_scores(tmp_path):
     out_dir = tmp_path / "cmp"
     result = run_script(os.path.join("scripts", "compare.py"), "--seeds", 1, "--epochs", 3,
                         "--swa_start", 2, "--label_noise", 0.2, "--swag_samples", 2,
-                        "--methods", "sgd", "swa", "fge", "swa1.5", "--out_dir", out_dir)
+                        "--methods", "sgd", "swa", "fge", "--out_dir", out_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "20% of training labels replaced" in result.stdout and "SWAG from 2 samples" in result.stdout
-    for method in ("SGD", "FGE", "SWA", "SWA 1.5 budgets", "SWAG-diag", "SWAG"):
+    for method in ("SGD", "FGE", "SWA", "SWAG-diag", "SWAG"):
         assert re.search(rf"^{method}\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+\s+[\d.]+ \+- [\d.]+$",
                          result.stdout, re.M), method
     lines = (out_dir / "compare.csv").read_text().splitlines()
-    assert lines[0] == "method,seed,test_acc,test_nll,test_ece" and len(lines) == 7
+    assert lines[0] == "method,seed,test_acc,test_nll,test_ece" and len(lines) == 6
     assert (out_dir / "fge-seed1" / "fge-3.pdparams").exists()
     assert (out_dir / "compare.png").stat().st_size > 10_000
     swa_row = report.read_metrics(str(out_dir / "swa-seed1"))[-1]

@@ -273,25 +273,25 @@ def test_a_frozen_weight_is_averaged_as_a_weight_not_copied_as_a_statistic():
                                   snapshots[-1]["features.1._mean"])
 
 
-def test_an_average_kept_on_the_cpu_beside_a_cpu_model_is_exact():
+def _average_kept_on_the_cpu():
     rng = np.random.default_rng(9)
     model = models.build("SimpleCNN", num_classes=3)
     swa = utils.SWA(model, device="cpu")
     snapshots = _feed(swa, model, rng, 3)
     assert {str(p.place) for p in swa.model.parameters()} == {"Place(cpu)"}
     _assert_mean(swa, snapshots)
+    return swa
+
+
+def test_an_average_kept_on_the_cpu_beside_a_cpu_model_is_exact():
+    _average_kept_on_the_cpu()
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="two places need a CUDA device; this Paddle has none")
 def test_an_average_kept_on_the_cpu_beside_a_gpu_model_is_exact():
     paddle.set_device("gpu:0")
     try:
-        rng = np.random.default_rng(9)
-        model = models.build("SimpleCNN", num_classes=3)
-        swa = utils.SWA(model, device="cpu")
-        snapshots = _feed(swa, model, rng, 3)
-        assert {str(p.place) for p in swa.model.parameters()} == {"Place(cpu)"}
-        _assert_mean(swa, snapshots)
+        swa = _average_kept_on_the_cpu()  # the model on the GPU, the average on the CPU
         x = paddle.randn([8, 3, 8, 8])  # on the GPU: the refresh brings batches to the average
         assert swa.bn_update([x]) == 8
     finally:
