@@ -113,7 +113,7 @@ class Progress:
         self.first, self.started = first_step, time.perf_counter()
 
     def update(self, steps_done, sums=None):
-        """After `steps_done` steps; `sums` (as run_epoch keeps them) adds loss and images/s."""
+        """After `steps_done` steps; `sums` (as engine.Sums keeps them) adds loss and images/s."""
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.1 and steps_done < self.total):
             return
