@@ -33,6 +33,16 @@ def run_main(main, *args):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def finished_run(tmp_path_factory, name, *flags):
+    """A run of train.py (in this process) with `flags` in a fresh folder; asserts it finished."""
+    import train
+
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    result = run_main(train.main, *flags, "--dir", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir, result
+
+
 def script(name):
     """The module scripts/<name>.py (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))

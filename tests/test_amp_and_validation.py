@@ -8,7 +8,7 @@ import pytest
 import eval as evaluation
 import train
 from harness import data
-from helpers import metrics_rows, one_line_error, run_main
+from helpers import finished_run, metrics_rows, one_line_error, run_main
 
 HAS_CUDA = False
 try:
@@ -61,10 +61,9 @@ def test_the_split_is_stratified_disjoint_and_fixed_by_the_seed():
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("val") / "run"
-    result = run_main(train.main, *BASE, "--epochs", 3, "--swa", "--swa_start", 2, "--swa_lr", 0.05,
-                      "--eval_freq", 1, "--val_size", 300, "--dir", run_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir, result = finished_run(tmp_path_factory, "val", *BASE, "--epochs", 3, "--swa",
+                                   "--swa_start", 2, "--swa_lr", 0.05, "--eval_freq", 1,
+                                   "--val_size", 300)
     return run_dir, result.stdout
 
 

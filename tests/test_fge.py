@@ -12,7 +12,7 @@ import eval as evaluation
 import models
 import train
 from harness import checkpoints, data, schedules
-from helpers import metrics_rows, one_line_error, run_main, run_script
+from helpers import finished_run, metrics_rows, one_line_error, run_main, run_script
 
 FGE = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "12", "--swa_start", "6", "--fge",
        "--fge_cycle", "2", "--fge_lr1", "0.05", "--fge_lr2", "0.005", "--eval_freq", "1",
@@ -35,10 +35,7 @@ def test_the_rate_is_the_triangle_of_the_formula(cycle):
 
 @pytest.fixture(scope="module")
 def fge_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("fge") / "run"
-    result = run_main(train.main, *FGE, "--dir", run_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir
+    return finished_run(tmp_path_factory, "fge", *FGE)[0]
 
 
 def test_a_run_snapshots_at_each_midpoint_and_lists_them(fge_run):

@@ -10,7 +10,7 @@ import pytest
 import eval as evaluation
 import train
 from harness import checkpoints, errors
-from helpers import one_line_error, run_main, script, snapshot_dir
+from helpers import finished_run, one_line_error, run_main, script, snapshot_dir
 
 QUICK = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "2", "--swa", "--swa_start", "2",
          "--no_visualdl"]
@@ -110,10 +110,7 @@ def test_an_empty_init_path_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished 2-epoch SWA run on digits."""
-    run_dir = tmp_path_factory.mktemp("hostile") / "run"
-    result = run_main(train.main, *QUICK, "--dir", run_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir
+    return finished_run(tmp_path_factory, "hostile", *QUICK)[0]
 
 
 def _copy(src, dst):
