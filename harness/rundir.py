@@ -79,9 +79,22 @@ def is_run_file(name):
 
 
 def previous_run_files(directory):
-    """Paths of a run's files in `directory` (empty if it holds none)."""
+    """Paths of a run's files in `directory` (empty if it holds none), with the offline
+    averages written into it (`record_average`)."""
+    averages = set((files.read_json_dict(os.path.join(directory, RECORD)) or {}).get("averages", []))
     return sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                  if is_run_file(name))
+                  if is_run_file(name) or name in averages)
+
+
+def record_average(directory, name):
+    """Note in the run record that `name`, an offline average of the run's checkpoints, was
+    written into the run directory: it belongs to the run (and goes with it on --overwrite).
+    The caller holds the directory's lock."""
+    path = os.path.join(directory, RECORD)
+    record = files.read_json_dict(path)
+    if record is not None:
+        record["averages"] = sorted(set(record.get("averages", [])) | {name})
+        write_json(path, record)
 
 
 def remove(paths):

@@ -58,7 +58,11 @@ def check_out(args):
 def average(args):
     lock = check_out(args)  # held while the average is made and written
     try:
-        return _average(args)
+        result = _average(args)
+        if lock:  # written into a run directory: part of its run from now on
+            rundir.record_average(os.path.dirname(os.path.abspath(args.out)),
+                                  os.path.basename(args.out))
+        return result
     finally:
         if lock:
             lock.close()

@@ -189,9 +189,12 @@ def test_overwrite_removes_only_this_projects_files_and_resume_reads_only_its_na
     (run_dir / "checkpoint-best.pdparams").write_bytes(b"a user's best model")
     os.replace(run_dir / "checkpoint-2.pdparams", run_dir / "checkpoint-010.pdparams")
     assert sorted(checkpoints.list_checkpoints(str(run_dir))) == [(0, 0)]
+    assert run_main(script("average_checkpoints").main, run_dir / "checkpoint-0.pdparams",
+                    "--out", run_dir / "averaged.pdparams").returncode == 0
     assert run_main(train.main, *QUICK, "--dir", run_dir, "--overwrite").returncode == 0
     assert (run_dir / "checkpoint-best.pdparams").read_bytes() == b"a user's best model"
     assert (run_dir / "checkpoint-010.pdparams").exists()  # not ours by name: kept
+    assert not (run_dir / "averaged.pdparams").exists()  # the old run's average goes with it
 
 
 @pytest.mark.parametrize("name", ["metrics.csv", "convergence.png", "command.sh", ".lock"])
