@@ -263,13 +263,14 @@ def train_loop(run, start, stop):
 
 def test_once(run):
     """With a validation split: the test set, evaluated once, after the last epoch."""
-    scores = [("SGD", training.eval_columns(run, run.model, split="te"))]
+    scored = [("SGD", run.model)]
     if run.swa and run.swa.n:
-        scores.append((report.AVERAGES[run.average],
-                       training.eval_columns(run, run.swa.model, run.average, split="te")))
-    run.log(f"test set ({len(run.ds.test)} images): " + "; ".join(
-        f"{name} loss {values[next(k for k in values if k.endswith('loss'))]:.4f} acc "
-        f"{values[next(k for k in values if k.endswith('acc'))]:.4f}" for name, values in scores))
+        scored.append((report.AVERAGES[run.average], run.swa.model))
+    parts = []
+    for name, model in scored:
+        columns = training.eval_columns(run, model, split="te")
+        parts.append(f"{name} loss {columns['te_loss']:.4f} acc {columns['te_acc']:.4f}")
+    run.log(f"test set ({len(run.ds.test)} images): " + "; ".join(parts))
 
 
 def epoch_rate(args, epoch, steps):

@@ -160,7 +160,9 @@ class SWA:
             if self.n == 0:
                 _copy_each(averaged + pairs.copied)
             else:
-                if not (pairs.fast and pairs.fast.lerp(self.weight())):
+                if pairs.fast:
+                    pairs.fast.lerp(self.weight())
+                else:
                     _lerp_each(averaged, self.weight())
                 _copy_each(pairs.copied)
         self.n += 1
@@ -170,7 +172,7 @@ class SWA:
     def pairs_with(self, model):
         """The average's tensors paired with `model`'s: kept between updates while the model's
         tensors stay the same objects, storage and dtypes (checked cheaply), made anew if not."""
-        if self._pairs is None or not self._pairs.still_holds(self._model, model):
+        if self._pairs is None or not self._pairs.still_holds(model):
             self._pairs = _Pairs(self._model, model, self.average_statistics,
                                  fast=self.device is None, other_place=self.device is not None)
         return self._pairs
@@ -688,7 +690,7 @@ class _Pairs:
         self.signature = _signature(model)
         self.fast = _FastPath.for_pairs(self.averaged) if fast else None
 
-    def still_holds(self, average, model):
+    def still_holds(self, model):
         return _signature(model) == self.signature
 
 
@@ -765,7 +767,7 @@ class _FastPath:
         self.block = np.empty(BLOCK, np.float32) if large else None
 
     def lerp(self, alpha):
-        """Apply the update to every pair. Returns True."""
+        """Apply the update to every pair."""
         for pair in self.large:
             # views made afresh: Paddle may give a tensor new memory when it is assigned to
             avg, new = (_numpy_view(t) for t in pair)
@@ -777,7 +779,6 @@ class _FastPath:
                 a += t
         if self.small and not (self.fused and self._fused(alpha)):
             _lerp_each(self.small, alpha)
-        return True
 
     def _fused(self, alpha):
         models = [_as_float32(new) for new in self.models] if self.cast else self.models

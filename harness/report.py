@@ -43,8 +43,10 @@ def format_row(row, columns, header=False):
         value = column if header else row.get(column)
         if value is None:
             text = ""
-        elif header or column in ("ep", "skipped"):
-            text = str(int(value)) if not header else str(value)
+        elif header:
+            text = column
+        elif column in ("ep", "skipped"):
+            text = str(int(value))
         elif column == "lr":
             text = f"{value:.4g}"
         elif column == "time":
