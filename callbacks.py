@@ -107,8 +107,14 @@ class SWACallback(paddle.callbacks.Callback):
             if training and self.swa is not None:
                 checkpoints.atomic_save(self.state_dict(), path + ".swa")
 
-        def load_with_swa(path, *args, **kwargs):
-            result = load(path, *args, **kwargs)
+        def load_with_swa(path, skip_mismatch=False, reset_optimizer=False):
+            # Paddle's Model.load unpickles these files with pickle.load, which can run code:
+            # each is first read with our data-only reader, which refuses anything else.
+            base = os.path.splitext(path)[0] if path.endswith((".pdparams", ".pdopt")) else path
+            for suffix in (".pdparams",) + (() if reset_optimizer else (".pdopt",)) + (".pdscaler",):
+                if os.path.isfile(base + suffix):
+                    checkpoints.read_file(base + suffix, "saved model")
+            result = load(path, skip_mismatch, reset_optimizer)
             state_path = path + ".swa"
             self._pending = (checkpoints.read_file(state_path, "SWA state")
                              if os.path.isfile(state_path) else None)

@@ -18,12 +18,10 @@ This is the only module that calls paddle.save and paddle.load. A checkpoint is 
     rng             Python's and numpy's generators   rank_state    per-rank state mid-epoch
     model_name, dataset, num_classes, in_channels, normalization   what `rebuild` reads
 
-Checkpoints are pickles, and unpickling can run code: `read_file` builds only what a
-checkpoint holds (dicts, lists, tuples, numbers, strings, numpy arrays and the tensors Paddle
-saves as such) and refuses anything else before it is built, naming it, as torch's
-`weights_only=True` does.
+Checkpoints are pickles, and unpickling can run code: `read_file` does not unpickle. It
+reads the file with `pickles.read_data`, which builds dicts, lists, tuples, numbers, strings
+and numpy arrays itself and nothing else, then makes the tensors paddle.load would.
 """
-import collections
 import dataclasses
 import glob
 import os
@@ -38,7 +36,7 @@ import paddle
 import models
 import utils
 from harness import data as datasets
-from harness import errors, files, runtime
+from harness import errors, files, pickles, runtime
 
 FORMAT = "swa-paddle/1"
 # Keys of the original PyTorch code's checkpoints; every checkpoint has them.
@@ -111,9 +109,9 @@ def atomic_save(obj, path):
 # --------------------------------------------------------------------------- reading
 
 def read_file(path, what="checkpoint"):
-    """The object in a file of paddle.save, built by `_SafeUnpickler` and given tensors as
-    paddle.load gives them; CheckpointError naming the file if it cannot be read or holds
-    anything but data."""
+    """The object in a file of paddle.save, built from data only (`pickles.read_data`) and
+    given tensors as paddle.load gives them; CheckpointError naming the file if it cannot be
+    read or holds anything but data."""
     if os.path.isdir(path):
         raise errors.CheckpointError(f"{what} {path} is a folder; give the .pdparams file in it")
     if not os.path.exists(path):
@@ -121,12 +119,13 @@ def read_file(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise errors.CheckpointError(f"{what} {path} is not a regular file (a device or a pipe); "
                                      "give a .pdparams file")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, "rb") as f:
-            data = _SafeUnpickler(f, encoding="latin1").load()
-    except _Refused as e:
+        data = pickles.read_data(raw, encoding="latin1")
+    except pickles.Refused as e:
         raise errors.CheckpointError(f"{what} {path} tries to load {e}, which no checkpoint "
-                                     "holds: refused before running it (a file from someone "
+                                     "holds: refused before building it (a file from someone "
                                      "else may be made to run code when unpickled)") from None
     except Exception as e:  # truncated or foreign bytes raise many types
         raise errors.CheckpointError(f"{what} {path} is unreadable, truncated or not a Paddle "
@@ -134,40 +133,17 @@ def read_file(path, what="checkpoint"):
     return _as_paddle_loads(data)
 
 
-class _Refused(Exception):
-    pass
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles only containers, numbers, strings and numpy arrays: everything paddle.save
-    writes for tensors, state dicts and checkpoints. Any other global is refused before it is
-    looked up, so nothing else is built or called."""
-
-    ALLOWED = {("builtins", name) for name in ("tuple", "list", "dict", "set", "frozenset",
-                                               "complex", "bytearray", "slice")} | {
-        ("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        # the Paddle generator states older versions saved (rebuilt from numbers, ignored)
-        ("paddle.base.libpaddle", "GeneratorState")} | {(module, name) for module in ("numpy.core.multiarray",
-                                                             "numpy._core.multiarray")
-                               for name in ("_reconstruct", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise _Refused(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
 def _as_paddle_loads(data):
     """Tensors where paddle.load would give them: paddle.save writes a tensor as the pair
     (name, array); a file with such pairs gets tensors for them (other arrays stay numpy), one
-    without gets tensors for its arrays (the layout of older Paddle versions)."""
-    if isinstance(data, dict) and "StructuredToParameterName@@" in data:
+    without gets tensors for its arrays (the layout of older Paddle versions). A state dict
+    saved on its own lists its tensors' names under "StructuredToParameterName@@"."""
+    if isinstance(data, dict) and isinstance(data.get("StructuredToParameterName@@"), dict):
         names = data.pop("StructuredToParameterName@@")
         return {k: paddle.to_tensor(v) if k in names and isinstance(v, np.ndarray) else v
                 for k, v in data.items()}
-    pairs = _contains(data, _is_saved_tensor)
-    return _convert(data, _is_saved_tensor if pairs else (lambda v: isinstance(v, np.ndarray)))
+    pairs = _Tensors(_is_saved_tensor).contains(data)
+    return _Tensors(_is_saved_tensor if pairs else (lambda v: isinstance(v, np.ndarray)))(data)
 
 
 def _is_saved_tensor(value):
@@ -175,27 +151,38 @@ def _is_saved_tensor(value):
         and isinstance(value[1], np.ndarray)
 
 
-def _contains(value, test):
-    if test(value):
-        return True
-    if isinstance(value, dict):
-        return any(_contains(v, test) for v in value.values())
-    return isinstance(value, (list, tuple, set)) and any(_contains(v, test) for v in value)
+class _Tensors:
+    """Replaces the values `is_tensor` accepts by tensors, visiting each object once (what
+    `pickles.read_data` gives may share parts; they stay shared)."""
 
+    def __init__(self, is_tensor):
+        self.is_tensor, self.done = is_tensor, {}
 
-def _convert(value, test):
-    if test(value):
-        tensor = paddle.to_tensor(value[1] if isinstance(value, tuple) else value)
-        if isinstance(value, tuple):
-            tensor.name = value[0]
-        return tensor
-    if isinstance(value, dict):
-        converted = {k: _convert(v, test) for k, v in value.items()}
-        return collections.OrderedDict(converted) if isinstance(value, collections.OrderedDict) \
-            else converted
-    if isinstance(value, (list, tuple, set)):
-        return type(value)(_convert(v, test) for v in value)
-    return value
+    def contains(self, value):
+        if self.is_tensor(value):
+            return True
+        if id(value) in self.done or not isinstance(value, (dict, list, tuple)):
+            return False
+        self.done[id(value)] = value
+        items = value.values() if isinstance(value, dict) else value
+        return any(self.contains(v) for v in items)
+
+    def __call__(self, value):
+        if id(value) in self.done:
+            return self.done[id(value)][0]
+        if self.is_tensor(value):
+            tensor = paddle.to_tensor(value[1] if isinstance(value, tuple) else value)
+            if isinstance(value, tuple):
+                tensor.name = value[0]
+            result = tensor
+        elif isinstance(value, dict):
+            result = {k: self(v) for k, v in value.items()}
+        elif isinstance(value, (list, tuple)):
+            result = type(value)(self(v) for v in value)
+        else:
+            return value
+        self.done[id(value)] = (result, value)
+        return result
 
 
 def load_checkpoint(path):

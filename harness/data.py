@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import io
 import os
-import pickle
 import tarfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness import errors
+from harness import errors, pickles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_FILE = os.path.join(ROOT, "data", "digits.npz")  # embedded in the repository
@@ -68,19 +67,6 @@ class Data:
 
 # --------------------------------------------------------------------------- file formats
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batches (dicts of lists, bytes and numpy arrays) and nothing else."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("_codecs", "encode")}  # how Python 3 writes bytes in a protocol-2 pickle
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
-        return super().find_class(module, name)
-
-
 def _check_labels(labels, classes, where):
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise errors.DataError(f"{where} holds labels from {labels.min()} to {labels.max()}, outside "
@@ -88,9 +74,23 @@ def _check_labels(labels, classes, where):
 
 
 def _cifar_batch(raw, label_key, where, classes):
-    batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        batch = pickles.read_data(raw, encoding="bytes")  # data only: no code runs
+    except pickles.Refused as e:
+        raise errors.DataError(f"{where} tries to load {e}, which no CIFAR batch holds: refused "
+                               "before building it; download the official file again") from None
+    except Exception as e:  # truncated or foreign bytes raise many types
+        raise errors.DataError(f"{where} is unreadable or truncated ({type(e).__name__}); "
+                               "download the official file again") from None
+    if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), np.ndarray):
+        raise errors.DataError(f"{where} holds no image array: not the official file; "
+                               "download it again")
+    data = batch[b"data"]
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise errors.DataError(f"{where} holds no list of whole-number labels under {label_key!r}: "
+                               "not the official file; download it again") from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise errors.DataError(f"{where} holds images of shape {list(data.shape)} ({data.dtype}), not "
                                "N x 3072 bytes: not the official file; download it again")
@@ -224,7 +224,7 @@ def _load_cifar(name, data_path, download):
     try:
         train = read_cifar(source, spec["train"], spec["label_key"], spec["classes"])
         test = read_cifar(source, spec["test"], spec["label_key"], spec["classes"])
-    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
+    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError) as e:
         raise errors.DataError(f"{source} is unreadable or not the official {name} file "
                                f"({type(e).__name__}: {e}); download it again") from None
     return train, test, spec["classes"]

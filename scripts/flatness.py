@@ -183,9 +183,9 @@ def plot(rows, gap, out):
 def flatness(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise errors.UsageError(f"--out {args.out} is a file; give a folder")
+    ckpt = checkpoints.load_checkpoint(args.model_path)  # a bad checkpoint creates nothing
     for name in ("flatness.csv", "flatness.png"):  # checked (and the folder made) before work
         cli.check_output(os.path.join(args.out, name), "--out", overwrite=True)
-    ckpt = checkpoints.load_checkpoint(args.model_path)
     if not ckpt.get("swa_n") or ckpt.get("swa_state_dict") is None:
         raise errors.UsageError(f"{args.model_path} holds no SWA average; give a checkpoint of a run "
                                 "with --swa, from an averaged epoch")

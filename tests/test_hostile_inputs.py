@@ -10,20 +10,11 @@ import pytest
 import eval as evaluation
 import train
 from harness import checkpoints, errors
+from hostile_pickles import RunsACommand
 from helpers import finished_run, one_line_error, run_main, script, snapshot_dir
 
 QUICK = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "2", "--swa", "--swa_start", "2",
          "--no_visualdl"]
-
-
-class RunsACommand:
-    """Unpickled, it would run a shell command (as a hostile .pdparams can)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 @pytest.fixture
@@ -50,7 +41,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_entry_point(hostil
     path, marker = hostile
     for main, argv in _entry_points(path, tmp_path):
         one_line_error(run_main(main, *argv), "shared.pdparams", "tries to load posix.system",
-                       "refused before running it")
+                       "refused before building it")
         assert not marker.exists(), main
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
