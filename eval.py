@@ -70,7 +70,7 @@ def evaluate(args):
     ckpt = checkpoints.load_checkpoint(args.model_path)
     trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
                                   args.data_path, args.batch_size, args.device, args.threads)
-    has_swa = bool(ckpt.get("swa_n")) and ckpt.get("swa_state_dict") is not None
+    has_swa = ckpt.has_average
     compare = args.swag_samples or args.reliability or args.ensemble
     wanted = [] if args.ensemble_of else ["SGD", "SWA"] if compare else \
         ["SWA" if has_swa and not args.sgd else "SGD"]
@@ -88,8 +88,8 @@ def evaluate(args):
         results["FGE" if args.ensemble else "ensemble"] = dict(
             scoring.scores(probs, labels), count=len(labels), probs=probs, labels=labels,
             members=[os.path.basename(p) for p in members])
-    info = dict(model=trained.model_name, dataset=trained.ds.name, swa_n=ckpt.get("swa_n"),
-                position=checkpoints.describe_position(int(ckpt["epoch"]), int(ckpt.get("step") or 0)))
+    info = dict(model=trained.model_name, dataset=trained.ds.name, swa_n=ckpt.swa_n,
+                position=checkpoints.describe_position(ckpt.epoch, ckpt.step))
     return results, info
 
 
@@ -100,7 +100,7 @@ def ensemble_paths(args, ckpt):
         return list(args.ensemble_of)
     if not args.ensemble:
         return []
-    names = ckpt.get("fge_snapshots") or []
+    names = ckpt.fge_snapshots or []
     if not names:
         raise errors.UsageError(f"--ensemble: {args.model_path} lists no FGE snapshot (train "
                                 "with --fge, and use a checkpoint after the first snapshot)")

@@ -1,22 +1,15 @@
 """The checkpoint: its schema, writing and reading it, and rebuilding what it was trained with.
 
-    >>> path = save_checkpoint("runs/a", 10, state_dict=model.state_dict(),
-    ...                        optimizer=optimizer.state_dict(), **swa.state_dict())
-    >>> ckpt = load_checkpoint(path); ckpt["epoch"], ckpt["swa_n"]
+    >>> record = Checkpoint(epoch=10, state_dict=model.state_dict(),
+    ...                     optimizer=optimizer.state_dict(), **swa.state_dict())
+    >>> path = save_checkpoint("runs/a", record)
+    >>> ckpt = load_checkpoint(path); ckpt.epoch, ckpt.swa_n
     (10, 3)
     >>> trained = rebuild(ckpt, path)           # its model (empty), data and batch size
-    >>> load_weights(trained.model, ckpt["swa_state_dict"]); trained.refresh_batches()
+    >>> load_weights(trained.model, ckpt.swa_state_dict); trained.refresh_batches()
 
-This is the only module that calls paddle.save and paddle.load. A checkpoint is one dict:
-
-    format          FORMAT ("swa-paddle/<version>"); files of the original code have none
-    epoch, step     epochs completed; batches completed in the next epoch (0 at an epoch's end)
-    state_dict      the SGD weights             optimizer       its state
-    swa_state_dict  the average (None without)  swa_n           models averaged (None without)
-    swa_bn_updated, swa_ema_decay, swag_*        the rest of `utils.SWA/SWAG.state_dict()`
-    args            train.py's flags            run_id, world_size   the run it belongs to
-    rng             Python's and numpy's generators   rank_state    per-rank state mid-epoch
-    model_name, dataset, num_classes, in_channels, normalization   what `rebuild` reads
+This is the only module that calls paddle.save and paddle.load. A checkpoint is one record,
+`Checkpoint`: every writer builds one, every reader gets one checked field by field.
 
 Checkpoints are pickles, and unpickling can run code: `read_file` does not unpickle. It
 reads the file with `pickles.read_data`, which builds dicts, lists, tuples, numbers, strings
@@ -24,6 +17,7 @@ and numpy arrays itself and nothing else, then makes the tensors paddle.load wou
 """
 import dataclasses
 import glob
+import math
 import os
 import pickle
 import random
@@ -41,6 +35,246 @@ from harness import errors, files, pickles, runtime
 FORMAT = "swa-paddle/1"
 # Keys of the original PyTorch code's checkpoints; every checkpoint has them.
 ORIGINAL_KEYS = ("epoch", "state_dict", "swa_state_dict", "swa_n", "optimizer")
+
+
+# --------------------------------------------------------------------------- the record
+
+class _Bad(Exception):
+    """A field's value is not what the record says: the message says what it should be."""
+
+
+def _whole(minimum=0):
+    def check(value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+                or value < minimum:
+            raise _Bad(f"a whole number >= {minimum}")
+        return int(value)
+    return check
+
+
+def _flag(value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise _Bad("True or False")
+    return bool(value)
+
+
+def _instance(*kinds, what):
+    def check(value):
+        if not isinstance(value, kinds):
+            raise _Bad(what)
+        return value
+    return check
+
+
+def _list_of(check_item, what):
+    def check(value):
+        if not isinstance(value, (list, tuple)):
+            raise _Bad(what)
+        try:
+            return [check_item(v) for v in value]
+        except _Bad:
+            raise _Bad(what) from None
+    return check
+
+
+def _weights(value):
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (paddle.Tensor, np.ndarray)) for k, v in value.items()):
+        raise _Bad("a state dict (names to tensors)")
+    return value
+
+
+def _decay(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+            or not 0 <= value < 1:
+        raise _Bad("a number in [0, 1)")
+    return float(value)
+
+
+def _finite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value):
+        raise _Bad("a finite number")
+    return float(value)
+
+
+def _snapshot_name(value):
+    if not (isinstance(value, str) and re.fullmatch(r"fge-(0|[1-9]\d*)\.pdparams", value)):
+        raise _Bad("file names fge-<epoch>.pdparams (beside the checkpoint)")
+    return value
+
+
+def _normalization(value):
+    if not (isinstance(value, dict) and set(value) == {"mean", "std"}):
+        raise _Bad("{'mean': [...], 'std': [...]}")
+    mean = _list_of(_finite, "a list of finite numbers per channel")(value["mean"])
+    std = _list_of(_finite, "a list of finite numbers per channel")(value["std"])
+    if len(mean) != len(std) or not mean or min(std) <= 0:
+        raise _Bad("a mean and a positive std for each channel")
+    return {"mean": mean, "std": std}
+
+
+def _fingerprint(value):
+    if not (isinstance(value, dict) and set(value) == {"train", "test", "digest"}
+            and isinstance(value["digest"], str)):
+        raise _Bad("{'train': N, 'test': N, 'digest': text}")
+    return {"train": _whole()(value["train"]), "test": _whole()(value["test"]),
+            "digest": value["digest"]}
+
+
+# train.py's flags that a checkpoint's readers use, with what each must be
+_ARGS = {"batch_size": _whole(1), "seed": _whole(0), "val_size": _whole(0), "epochs": _whole(0),
+         "swa_start": _whole(0), "model": _instance(str, what="a model name"),
+         "dataset": _instance(str, what="a dataset name"),
+         "data_path": _instance(str, what="a folder"), "no_download": _flag}
+
+
+def _args(value):
+    if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+        raise _Bad("train.py's flags, by name")
+    for name, check in _ARGS.items():
+        if value.get(name) is not None:
+            try:
+                check(value[name])
+            except _Bad as e:
+                raise _Bad(f"flags with {name} {e}") from None
+    return value
+
+
+def _rng(value):
+    # Tried on throwaway generators: a state Python or numpy would refuse is refused here,
+    # in one line, before any generator of the run changes.
+    try:
+        random.Random().setstate(value["python"])
+        np.random.RandomState().set_state(value["numpy"])
+    except Exception:
+        raise _Bad("{'python': random.getstate(), 'numpy': np.random.get_state()}") from None
+    return value
+
+
+def _rank_state(value):
+    entries = _list_of(_instance(dict, what="-"), "a list of per-rank dicts")(value)
+    for entry in entries:
+        if not (isinstance(entry.get("partial"), (dict, type(None)))
+                and isinstance(entry.get("statistics"), list)
+                and all(isinstance(s, (np.ndarray, paddle.Tensor)) for s in entry["statistics"])):
+            raise _Bad("per-rank {'partial': sums, 'statistics': arrays}")
+    return entries
+
+
+def _field(check, default=None, required=False):
+    if required:  # no default: a writer must give it
+        return dataclasses.field(metadata={"check": check, "required": True})
+    return dataclasses.field(default=default, metadata={"check": check, "required": False})
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint: every field any writer sets, each checked when a file is read.
+
+    The file is this record as a dict (`to_dict`), so the original code's keys (epoch,
+    state_dict, swa_state_dict, swa_n, optimizer) are where it put them, and its files load.
+
+        format          FORMAT ("swa-paddle/<version>"); files of the original code have none
+        epoch           epochs completed
+        step            batches completed in the next epoch (0 at an epoch's end)
+        state_dict      the SGD weights (with their BatchNorm statistics)
+        optimizer       the optimizer's state ({} or None where it is not kept)
+        swa_state_dict  the average's weights (None without an average)
+        swa_n           models averaged (None without an average)
+        swa_bn_updated  the average's BatchNorm statistics are recomputed, not averaged
+        swa_ema_decay   an EMA's decay (None: the equal average)
+        swa_ema_warmup  an EMA's warm-up (gamma, power, minimum decay), or None
+        swag_var_sum    SWAG: the running mean of squares (None without SWAG)
+        swag_deviations  SWAG: the last deviations from the mean, oldest first
+        swag_max_rank   SWAG: deviations kept
+        swag_names      SWAG: the parameters it models, in order
+        args            train.py's flags, by name
+        run_id          the run it belongs to
+        world_size      processes that trained it
+        rng             Python's and numpy's generator states
+        rank_state      per rank, mid-epoch: partial sums and BatchNorm statistics
+        amp_scaler      the loss scaler's state under --amp (None without)
+        fge_snapshots   FGE's snapshots so far, file names beside the checkpoint
+        fge_snapshot    this file is an FGE snapshot (not resumable)
+        averaged_from   the checkpoints average_checkpoints.py averaged into this one
+        model_name      the zoo model
+        dataset         the dataset's name
+        num_classes     classes
+        in_channels     image channels
+        normalization   per-channel mean and std the inputs were normalised with
+        data            sizes and digest of the dataset's files (see data.fingerprint)
+    """
+    epoch: int = _field(_whole(), required=True)
+    state_dict: dict = _field(_weights, required=True)
+    optimizer: dict | None = _field(_instance(dict, what="a state dict"))
+    format: str = _field(_instance(str, what="text"), FORMAT)
+    step: int = _field(_whole(), 0)
+    swa_state_dict: dict | None = _field(_weights)
+    swa_n: int | None = _field(_whole())
+    swa_bn_updated: bool = _field(_flag, False)
+    swa_ema_decay: float | None = _field(_decay)
+    swa_ema_warmup: list | None = _field(_list_of(_finite, "three numbers"))
+    swag_var_sum: object = _field(_instance(paddle.Tensor, np.ndarray, what="a tensor"))
+    swag_deviations: list | None = _field(_list_of(_instance(paddle.Tensor, np.ndarray, what="-"),
+                                                    "a list of tensors"))
+    swag_max_rank: int | None = _field(_whole(2))
+    swag_names: list | None = _field(_list_of(_instance(str, what="-"), "a list of names"))
+    args: dict | None = _field(_args)
+    run_id: str | None = _field(_instance(str, what="text"))
+    world_size: int | None = _field(_whole(1))
+    rng: dict | None = _field(_rng)
+    rank_state: list | None = _field(_rank_state)
+    amp_scaler: dict | None = _field(_instance(dict, what="a state dict"))
+    fge_snapshots: list | None = _field(_list_of(_snapshot_name, "file names fge-<epoch>.pdparams"))
+    fge_snapshot: bool = _field(_flag, False)
+    averaged_from: list | None = _field(_list_of(_instance(str, what="-"), "a list of paths"))
+    model_name: str | None = _field(_instance(str, what="a model name"))
+    dataset: str | None = _field(_instance(str, what="a dataset name"))
+    num_classes: int | None = _field(_whole(1))
+    in_channels: int | None = _field(_whole(1))
+    normalization: dict | None = _field(_normalization)
+    data: dict | None = _field(_fingerprint)
+
+    @property
+    def has_average(self):
+        """Whether it holds an average with at least one model."""
+        return bool(self.swa_n) and self.swa_state_dict is not None
+
+    def average_state(self):
+        """The average's fields that are set, as `utils.SWA/SWAG.set_state_dict` read them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith(("swa_", "swag_")) and getattr(self, f.name) is not None}
+
+    def to_dict(self):
+        """The record as the file holds it: every field, None where unset."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data, path):
+        """The record in `data` (a file's dict); CheckpointError naming the first field that is
+        not what the record says, and what it should be."""
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.metadata["required"] and (not isinstance(data, dict) or f.name not in data)]
+        if missing:
+            raise errors.CheckpointError(f"{path} is not a training checkpoint (no "
+                                         f"{' or '.join(missing)} entry); a plain weights file "
+                                         "is not a checkpoint")
+        if data.get("format", FORMAT) != FORMAT:
+            raise errors.CheckpointError(f"{path} is of format {str(data['format'])[:40]!r}, this "
+                                         f"code reads {FORMAT!r}: use the version of swa-paddle "
+                                         "that wrote it")
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = data.get(f.name)
+            if value is None:
+                continue  # the default
+            try:
+                values[f.name] = f.metadata["check"](value)
+            except _Bad as e:
+                raise errors.CheckpointError(f"{path}: its {f.name} is not {e}; the file is "
+                                             "damaged or was not written by this code") from None
+        return cls(**values)
 
 
 # --------------------------------------------------------------------------- names
@@ -75,27 +309,21 @@ def describe_position(epoch, step):
 
 # --------------------------------------------------------------------------- writing
 
-def save_checkpoint(directory, epoch, step=0, **state):
-    """Write `<directory>`'s checkpoint of (epoch, step) atomically; returns its path.
-    See `write_checkpoint`."""
-    return write_checkpoint(checkpoint_path(directory, epoch, step), epoch, step, **state)
+def save_checkpoint(directory, record):
+    """Write `record` (a Checkpoint) as `<directory>`'s checkpoint of its (epoch, step),
+    atomically; returns its path."""
+    return write_checkpoint(checkpoint_path(directory, record.epoch, record.step), record)
 
 
-def write_checkpoint(path, epoch, step=0, **state):
-    """Write a checkpoint (the schema above) to `path` atomically and return `path`.
-
-    Args:
-        path: the file to write.
-        epoch: epochs completed.
-        step: batches completed in epoch `epoch` (0-based) when saved mid-epoch.
-        **state: the other keys of the schema; at least `state_dict`, `swa_state_dict`,
-            `swa_n`, `optimizer` (tensors, state dicts, numbers, strings, numpy arrays).
-    """
-    return atomic_save(dict(format=FORMAT, epoch=epoch, step=step, **state), path)
+def write_checkpoint(path, record):
+    """Write `record` (a Checkpoint) to `path` atomically and return `path`."""
+    if not isinstance(record, Checkpoint):
+        raise TypeError("write_checkpoint writes a Checkpoint record")
+    return atomic_save(record.to_dict(), path)
 
 
 def setting_of(model_name, ds):
-    """The checkpoint keys that say what a model was trained on, for `rebuild`."""
+    """The Checkpoint fields that say what a model was trained on, for `rebuild`."""
     return dict(model_name=model_name, dataset=ds.name, num_classes=ds.num_classes,
                 in_channels=ds.image_shape[0], data=ds.fingerprint,
                 normalization={"mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]})
@@ -186,22 +414,14 @@ class _Tensors:
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by `write_checkpoint` (or the original code's layout).
+    """The Checkpoint in `path` (written by `write_checkpoint`, or of the original code).
 
     Raises:
-        CheckpointError: the file is missing, unreadable, truncated, not a checkpoint, or of a
-            newer format; the message names the file.
+        CheckpointError: the file is missing, unreadable, truncated, not a checkpoint, of a
+            newer format, or holds a field that is not what the record says; the message
+            names the file (and the field).
     """
-    data = read_file(path)
-    missing = [key for key in ("epoch", "state_dict") if not isinstance(data, dict) or key not in data]
-    if missing:
-        raise errors.CheckpointError(f"{path} is not a training checkpoint (no "
-                                     f"{' or '.join(missing)} entry); a plain weights file is "
-                                     "not a checkpoint")
-    if data.get("format", FORMAT) != FORMAT:
-        raise errors.CheckpointError(f"{path} is of format {data['format']!r}, this code reads "
-                                     f"{FORMAT!r}: use the version of swa-paddle that wrote it")
-    return data
+    return Checkpoint.from_dict(read_file(path), path)
 
 
 def read_weights(path, what="--init"):
@@ -213,9 +433,11 @@ def read_weights(path, what="--init"):
 
 
 def load_weights(model, state_dict, source="state dict"):
-    """Load `state_dict` into `model` strictly (see `utils.load_state_dict`); a mismatch, or a
-    tensor holding NaN or infinity, is a CheckpointError naming `source` and the tensor."""
+    """Load `state_dict` into `model` strictly (see `utils.load_state_dict`); a mismatch, a
+    tensor holding NaN or infinity, or a negative BatchNorm variance is a CheckpointError
+    naming `source` and the tensor."""
     check_finite(state_dict, source)
+    check_variances(state_dict, source)
     try:
         return utils.load_state_dict(model, state_dict, source)
     except ValueError as e:
@@ -231,6 +453,18 @@ def check_finite(state_dict, source="state dict"):
             raise errors.CheckpointError(f"{source}: {key} holds NaN or infinite values; these "
                                          "weights cannot be used (the run that wrote them "
                                          "diverged?); use an earlier checkpoint")
+
+
+def check_variances(state_dict, source="state dict"):
+    """CheckpointError naming the first BatchNorm running variance (`*._variance`) of
+    `state_dict` with a negative entry: no batch has one, and a model normalising with it
+    predicts nonsense without a word."""
+    for key, value in (state_dict or {}).items():
+        if key.endswith("_variance"):
+            array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+            if array.dtype.kind == "f" and (array < 0).any():
+                raise errors.CheckpointError(f"{source}: the BatchNorm variance {key} is negative; "
+                                             "the file is damaged or not a model's weights")
 
 
 # --------------------------------------------------------------------------- rebuilding
@@ -256,9 +490,9 @@ def rebuild(ckpt, path, model_name=None, dataset=None, data_path=None, batch_siz
     """The model, dataset (normalised as in training) and batch size of checkpoint `ckpt`
     (read from `path`), on `device` (auto/cpu/gpu; on a CPU with `threads`, 0: automatic);
     values given override the checkpoint's. UsageError if it does not say."""
-    saved = ckpt.get("args") or {}
-    model_name = model_name or ckpt.get("model_name") or saved.get("model")
-    dataset = dataset or ckpt.get("dataset") or saved.get("dataset")
+    saved = ckpt.args or {}
+    model_name = model_name or ckpt.model_name or saved.get("model")
+    dataset = dataset or ckpt.dataset or saved.get("dataset")
     if model_name is None or dataset is None:
         raise errors.UsageError(f"{path} does not say which model and dataset it holds; "
                                 "pass --model and --dataset")
@@ -272,13 +506,12 @@ def rebuild(ckpt, path, model_name=None, dataset=None, data_path=None, batch_siz
                                download=not saved.get("no_download", False))
     if saved.get("val_size"):  # trained on what the validation split left
         ds = datasets.split_validation(ds, saved["val_size"], saved.get("seed", 1))
-    norm = ckpt.get("normalization")
+    norm = ckpt.normalization
     if norm and len(norm["mean"]) == ds.image_shape[0]:
         ds = dataclasses.replace(ds, mean=np.array(norm["mean"], np.float32),
                                  std=np.array(norm["std"], np.float32))
     return Trained(models.build(model_name, ds.num_classes, ds.image_shape[0]), ds, model_name,
-                   batch_size or saved.get("batch_size", 128), saved.get("seed", 1),
-                   int(ckpt["epoch"]))
+                   batch_size or saved.get("batch_size", 128), saved.get("seed", 1), ckpt.epoch)
 
 
 # --------------------------------------------------------------------------- generators

@@ -74,9 +74,9 @@ def evaluate_weights(trained, ckpt, weights, source, bn_update=False):
     """Load the checkpoint's "SGD" or "SWA" weights into `trained.model` and score them on the
     test set. The BatchNorm statistics are recomputed on train.py's refresh batches when the
     average's are stale, or for any weights with `bn_update`; `refreshed` says whether."""
-    key = "swa_state_dict" if weights == "SWA" else "state_dict"
-    checkpoints.load_weights(trained.model, ckpt[key], source=source)
-    stale = weights == "SWA" and not ckpt.get("swa_bn_updated", False)
+    state = ckpt.swa_state_dict if weights == "SWA" else ckpt.state_dict
+    checkpoints.load_weights(trained.model, state, source=source)
+    stale = weights == "SWA" and not ckpt.swa_bn_updated
     refreshed = (stale or bn_update) and utils.bn_update(trained.refresh_batches(), trained.model) > 0
     return dict(test_scores(trained.model, trained.ds, trained.batch_size), refreshed=refreshed)
 
@@ -84,12 +84,12 @@ def evaluate_weights(trained, ckpt, weights, source, bn_update=False):
 def swag_average(ckpt, trained, samples, scale, diagonal, seed):
     """Bayesian model average of `samples` SWAG samples: mean probabilities on the test set,
     the labels and the SWAG. Each sample's BatchNorm statistics are recomputed first."""
-    if ckpt.get("swag_var_sum") is None:
+    if ckpt.swag_var_sum is None:
         raise errors.UsageError("--swag_samples: the checkpoint holds no SWAG statistics; train "
                                 "with --swa --swag")
-    swag = utils.SWAG(trained.model, max_rank=int(ckpt["swag_max_rank"]))
+    swag = utils.SWAG(trained.model, max_rank=ckpt.swag_max_rank)
     try:
-        swag.set_state_dict(ckpt)
+        swag.set_state_dict(ckpt.average_state())
     except ValueError as e:
         raise errors.CheckpointError(f"cannot read SWAG from the checkpoint: {e}") from None
     if swag.n == 0:
@@ -119,12 +119,11 @@ def ensemble(trained, paths):
     total, labels, members = None, None, []
     for path in paths:
         ckpt = checkpoints.load_checkpoint(path)
-        saved = ckpt.get("args") or {}
-        dataset = ckpt.get("dataset") or saved.get("dataset")
+        dataset = ckpt.dataset or (ckpt.args or {}).get("dataset")
         if dataset is not None and dataset != trained.ds.name:
             raise errors.UsageError(f"{path} is of {dataset}, the ensemble of {trained.ds.name}: "
                                     "an ensemble needs checkpoints of one dataset")
-        checkpoints.load_weights(trained.model, ckpt["state_dict"], source=path)
+        checkpoints.load_weights(trained.model, ckpt.state_dict, source=path)
         probs, labels = predict(trained.model, trained.ds, trained.batch_size)
         members.append(scores(probs, labels))
         total = probs if total is None else total + probs

@@ -242,33 +242,33 @@ def _plan(args, identity, legacy):
 def _plan_resume(args, path, previous, record, identity, legacy):
     """(The plan for resuming from checkpoint `path`, the checkpoint), once it fits the run."""
     ckpt = checkpoints.load_checkpoint(path)
-    if ckpt.get("fge_snapshot"):
+    if ckpt.fge_snapshot:
         raise errors.UsageError(f"--resume {path} is an FGE snapshot, not a training checkpoint; "
                                 "resume from one of the run's checkpoint-*.pdparams")
-    if ckpt.get("averaged_from"):
+    if ckpt.averaged_from:
         raise errors.UsageError(f"--resume {path} is an offline average of checkpoints "
                                 "(average_checkpoints.py), not a training checkpoint; resume from "
                                 "one of the run's checkpoint-*.pdparams, or start from its "
                                 "weights with --init")
-    saved = ckpt.get("args")
+    saved = ckpt.args
     if not isinstance(saved, dict):
         raise errors.UsageError(f"--resume {path} does not record the flags it was trained with, "
                                 "so it cannot be resumed; start from its weights with --init")
-    run_id = ckpt.get("run_id") or (record or {}).get("run_id") or new_run_id()
+    run_id = ckpt.run_id or (record or {}).get("run_id") or new_run_id()
     theirs = record.get("run_id") if record else None
-    if theirs and ckpt.get("run_id") and theirs != ckpt["run_id"]:
+    if theirs and ckpt.run_id and theirs != ckpt.run_id:
         raise errors.UsageError(f"--resume {path} is a checkpoint of another run than the one in "
                                 f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
     old = read_args(args.dir) if previous and record is None else None
     for flags in filter(None, (old, saved)):  # a run of an older version has only args.json
         check_same_run(path, dict(legacy, **flags), vars(args), identity, args.dir)
-    epoch, step = int(ckpt["epoch"]), int(ckpt.get("step") or 0)
+    epoch, step = ckpt.epoch, ckpt.step
     if epoch > args.epochs or (epoch == args.epochs and step):
         raise errors.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
                                 f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))  # the processes of this launch
-    if step and int(ckpt.get("world_size") or 1) != world:
-        raise errors.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.get('world_size') or 1} "
+    if step and (ckpt.world_size or 1) != world:
+        raise errors.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.world_size or 1} "
                                 f"processes; resume it with the same number (now {world}), or from an "
                                 "epoch's checkpoint")
     if epoch == args.epochs:

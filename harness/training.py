@@ -129,14 +129,14 @@ class Run:
             t.numpy() for t in self.local_statistics()]}) if step else None
         path = None
         if self.env.is_master:
-            swa = self.swa.state_dict() if self.swa else {"swa_state_dict": None, "swa_n": None}
-            path = checkpoints.save_checkpoint(
-                self.args.dir, epoch, step, state_dict=self.model.state_dict(),
+            swa = self.swa.state_dict() if self.swa else {}
+            path = checkpoints.save_checkpoint(self.args.dir, checkpoints.Checkpoint(
+                epoch=epoch, step=step, state_dict=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(), **swa, rng=checkpoints.get_rng_state(),
                 rank_state=ranks, args=vars(self.args), run_id=self.plan.run_id,
                 amp_scaler=self.amp.state_dict() if self.amp else None,
                 fge_snapshots=list(self.snapshots),
-                world_size=self.env.world_size, **checkpoints.setting_of(self.args.model, self.ds))
+                world_size=self.env.world_size, **checkpoints.setting_of(self.args.model, self.ds)))
             if not step:  # step checkpoints before this epoch are superseded
                 for (e, s), old in checkpoints.list_checkpoints(self.args.dir).items():
                     if s and e < epoch:
@@ -149,17 +149,16 @@ class Run:
         it; every rank lists it (a resume rewrites the same file, never a second one)."""
         name = f"fge-{epoch}.pdparams"
         if self.env.is_master:
-            checkpoints.write_checkpoint(
-                os.path.join(self.args.dir, name), epoch, state_dict=self.model.state_dict(),
-                optimizer={}, swa_state_dict=None, swa_n=None, fge_snapshot=True,
+            checkpoints.write_checkpoint(os.path.join(self.args.dir, name), checkpoints.Checkpoint(
+                epoch=epoch, state_dict=self.model.state_dict(), optimizer={}, fge_snapshot=True,
                 args=vars(self.args), run_id=self.plan.run_id,
-                **checkpoints.setting_of(self.args.model, self.ds))
+                **checkpoints.setting_of(self.args.model, self.ds)))
         self.snapshots = [n for n in self.snapshots if n != name] + [name]
 
     def restore(self, path, ckpt=None):
         """Load checkpoint `path` (or `ckpt`, already read from it) into the run; returns the Start."""
         ckpt = ckpt if ckpt is not None else checkpoints.load_checkpoint(path)
-        saved = ckpt.get("data")
+        saved = ckpt.data
         if saved and saved != self.ds.fingerprint:
             now = self.ds.fingerprint
             change = (f"{saved['train']} training and {saved['test']} test images then, "
@@ -169,28 +168,28 @@ class Run:
             raise errors.CheckpointError(f"--resume {path}: the {self.ds.name} files in --data_path "
                                          f"changed since the run was trained ({change}); put the "
                                          "run's files back, or start a new run in another --dir")
-        checkpoints.load_weights(self.model, ckpt["state_dict"], source=path)
-        checkpoints.check_finite(ckpt.get("swa_state_dict"), source=f"{path} (the average)")
+        checkpoints.load_weights(self.model, ckpt.state_dict, source=path)
+        checkpoints.check_finite(ckpt.swa_state_dict, source=f"{path} (the average)")
+        checkpoints.check_variances(ckpt.swa_state_dict, source=f"{path} (the average)")
         try:
-            self.optimizer.set_state_dict(ckpt["optimizer"])
+            self.optimizer.set_state_dict(ckpt.optimizer or {})
             if self.swa is not None:
-                self.swa.set_state_dict(ckpt)
+                self.swa.set_state_dict(ckpt.average_state())
         except (ValueError, KeyError) as e:
             raise errors.CheckpointError(f"cannot resume from {path}: {e}") from None
         if self.amp:
-            self.amp.load_state_dict(ckpt.get("amp_scaler"))
-        self.snapshots = list(ckpt.get("fge_snapshots") or [])
-        if ckpt.get("rng") is not None:
-            checkpoints.set_rng_state(ckpt["rng"])
-        partial = ckpt.get("partial")
-        ranks = ckpt.get("rank_state")
-        if ranks:  # mid-epoch: this rank's own sums and statistics (same world size, checked)
-            mine = ranks[self.env.rank]
+            self.amp.load_state_dict(ckpt.amp_scaler)
+        self.snapshots = list(ckpt.fge_snapshots or [])
+        if ckpt.rng is not None:
+            checkpoints.set_rng_state(ckpt.rng)
+        partial = None
+        if ckpt.rank_state:  # mid-epoch: this rank's own sums and statistics (same world size, checked)
+            mine = ckpt.rank_state[self.env.rank]
             partial = mine["partial"]
             with paddle.no_grad():
                 for t, value in zip(self.local_statistics(), mine["statistics"]):
                     t.set_value(value)
-        return Start(int(ckpt["epoch"]), int(ckpt.get("step") or 0), partial)
+        return Start(ckpt.epoch, ckpt.step, partial)
 
     def interrupted(self, epoch, step, totals, signum):
         """Save where training stopped and say how to continue; returns the exit code."""

@@ -76,23 +76,24 @@ def _average(args):
     epochs = []
     for path in args.checkpoints:
         ckpt = first if path == args.checkpoints[0] else checkpoints.load_checkpoint(path)
-        checkpoints.check_finite(ckpt["state_dict"], source=path)
+        checkpoints.check_finite(ckpt.state_dict, source=path)
+        checkpoints.check_variances(ckpt.state_dict, source=path)
         try:
-            utils.load_state_dict(trained.model, ckpt["state_dict"], source=path)
+            utils.load_state_dict(trained.model, ckpt.state_dict, source=path)
         except ValueError as e:
             raise errors.CheckpointError(f"{e}: all checkpoints must hold the same "
                                          "architecture") from None
         swa.update(trained.model)
-        epochs.append(int(ckpt["epoch"]))
+        epochs.append(ckpt.epoch)
     trained.epoch = max(epochs)  # the refresh eval.py would draw for the output checkpoint
     if args.bn_update:
         swa.bn_update(trained.refresh_batches())
     scores = scoring.test_scores(swa.model, trained.ds, trained.batch_size)
-    checkpoints.write_checkpoint(
-        args.out, max(epochs), state_dict=swa.model.state_dict(), optimizer={},
-        **swa.state_dict(), args=first.get("args"),
+    checkpoints.write_checkpoint(args.out, checkpoints.Checkpoint(
+        epoch=max(epochs), state_dict=swa.model.state_dict(), optimizer={},
+        **swa.state_dict(), args=first.args,
         **checkpoints.setting_of(trained.model_name, trained.ds),
-        averaged_from=[os.path.abspath(c) for c in args.checkpoints])
+        averaged_from=[os.path.abspath(c) for c in args.checkpoints]))
     return swa, epochs, scores, trained.ds
 
 

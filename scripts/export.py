@@ -112,14 +112,14 @@ def export(args):
     if not os.path.basename(args.out) or os.path.isdir(args.out):
         raise errors.UsageError(f"--out {args.out} names a folder; give a path prefix in it, "
                                 f"e.g. {os.path.join(args.out, 'model')}")
+    ckpt = checkpoints.load_checkpoint(args.model_path)  # a bad checkpoint creates nothing
     outputs = [args.out + ".json", args.out + ".pdiparams"]
     for path in outputs:  # makes the folder, as train.py makes --dir
         cli.check_output(path, "--out", args.overwrite, what="path prefix")
-    ckpt = checkpoints.load_checkpoint(args.model_path)
     trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
                                   args.data_path, args.batch_size, args.device, args.threads)
     model, ds = trained.model, trained.ds
-    weights = "SGD" if args.sgd or not ckpt.get("swa_n") else "SWA"
+    weights = "SGD" if args.sgd or not ckpt.has_average else "SWA"
     scoring.evaluate_weights(trained, ckpt, weights, args.model_path)  # loads, refreshes if stale
     network = Normalized(model, ds.mean, ds.std, datasets.pixel_max(ds.name))
     network.eval()

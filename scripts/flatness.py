@@ -186,15 +186,15 @@ def flatness(args):
     ckpt = checkpoints.load_checkpoint(args.model_path)  # a bad checkpoint creates nothing
     for name in ("flatness.csv", "flatness.png"):  # checked (and the folder made) before work
         cli.check_output(os.path.join(args.out, name), "--out", overwrite=True)
-    if not ckpt.get("swa_n") or ckpt.get("swa_state_dict") is None:
+    if not ckpt.has_average:
         raise errors.UsageError(f"{args.model_path} holds no SWA average; give a checkpoint of a run "
                                 "with --swa, from an averaged epoch")
     trained = checkpoints.rebuild(ckpt, args.model_path, args.model, args.dataset,
                                   args.data_path, args.batch_size, args.device, args.threads)
     model, ds, name, batch_size = trained.model, trained.ds, trained.model_name, trained.batch_size
     vectors_of = {}
-    for weights, key in (("SWA", "swa_state_dict"), ("SGD", "state_dict")):
-        checkpoints.load_weights(model, ckpt[key], source=args.model_path)
+    for weights, state in (("SWA", ckpt.swa_state_dict), ("SGD", ckpt.state_dict)):
+        checkpoints.load_weights(model, state, source=args.model_path)
         vectors_of[weights] = vectors(model)
     probe = Probe(trained, args.bn_batches)
     rows, gap = points(args, vectors_of["SWA"], vectors_of["SGD"], probe)

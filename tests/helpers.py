@@ -118,10 +118,10 @@ def checkpoint_tensors(path):
 
     ckpt = checkpoints.load_checkpoint(str(path))
     tensors = {f"{part}/{key}": value.numpy() for part in ("state_dict", "swa_state_dict")
-               for key, value in ckpt[part].items()}
-    if ckpt.get("swag_var_sum") is not None:
-        tensors["swag/var_sum"] = ckpt["swag_var_sum"].numpy()
-        tensors.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt["swag_deviations"])})
+               for key, value in getattr(ckpt, part).items()}
+    if ckpt.swag_var_sum is not None:
+        tensors["swag/var_sum"] = ckpt.swag_var_sum.numpy()
+        tensors.update({f"swag/deviation{i}": d.numpy() for i, d in enumerate(ckpt.swag_deviations)})
     return tensors
 
 

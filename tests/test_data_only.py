@@ -127,10 +127,10 @@ def test_the_original_codes_layout_with_numpy_arrays_and_python2_names_loads(tmp
     path = tmp_path / "legacy.pdparams"
     path.write_bytes(pickle.dumps(legacy, protocol=2))
     ckpt = checkpoints.load_checkpoint(str(path))
-    assert (ckpt["epoch"], ckpt["swa_n"]) == (7, 3)
+    assert (ckpt.epoch, ckpt.swa_n) == (7, 3)
     for key, value in weights.items():
-        assert isinstance(ckpt["state_dict"][key], paddle.Tensor)
-        np.testing.assert_array_equal(ckpt["swa_state_dict"][key].numpy(), value)
+        assert isinstance(ckpt.state_dict[key], paddle.Tensor)
+        np.testing.assert_array_equal(ckpt.swa_state_dict[key].numpy(), value)
 
 
 def test_a_read_value_is_plain_data_with_arrays_of_their_own_memory():
@@ -213,3 +213,54 @@ def test_mangled_cifar_batches_load_or_give_one_error(tmp_path, deadline):
             assert "\n" not in str(e)
             outcomes["refused"] += 1
     assert outcomes["loaded"] and outcomes["refused"]
+
+
+# --------------------------------------------------------------------------- the record
+
+def test_the_fields_written_are_the_fields_documented(small_checkpoint, tmp_path):
+    import dataclasses
+    import re
+
+    # the docstring's table: one field per line, indented 8, its name then its meaning
+    documented = re.findall(r"^ {8}(\w+) +\S", checkpoints.Checkpoint.__doc__, re.M)
+    fields = [f.name for f in dataclasses.fields(checkpoints.Checkpoint)]
+    assert sorted(documented) == sorted(fields)
+    path = tmp_path / "c.pdparams"
+    path.write_bytes(small_checkpoint)
+    assert sorted(checkpoints.read_file(str(path))) == sorted(fields)  # train.py writes each
+
+
+def _with(small_checkpoint, tmp_path, change):
+    """`small_checkpoint` with `change(dict)` applied, written as a new file; its path."""
+    path = tmp_path / "c.pdparams"
+    path.write_bytes(small_checkpoint)
+    data = checkpoints.read_file(str(path))
+    change(data)
+    paddle.save(data, str(path))
+    return path
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.update(epoch="abc"), "epoch is not a whole number >= 0"),
+    (lambda d: d["args"].update(batch_size=0), "args is not flags with batch_size a whole number >= 1"),
+    (lambda d: d["args"].update(batch_size=-3), "args is not flags with batch_size"),
+    (lambda d: d.update(args=["--lr_init", "0.1"]), "args is not train.py's flags"),
+    (lambda d: d["normalization"].update(mean="a"), "normalization is not a list of finite numbers"),
+    (lambda d: d["normalization"].update(std=[0]), "normalization is not a mean and a positive std"),
+    (lambda d: d.update(swa_state_dict=[1, 2]), "swa_state_dict is not a state dict"),
+    (lambda d: d.update(fge_snapshots=["../../etc/passwd"]), "fge_snapshots is not file names"),
+    (lambda d: d.update(rng={"python": (3, (1,), None), "numpy": None}), "rng is not"),
+])
+def test_a_field_that_is_not_what_the_record_says_is_named_in_one_line(small_checkpoint, tmp_path,
+                                                                      change, field):
+    path = _with(small_checkpoint, tmp_path, change)
+    one_line_error(run_main(evaluation.main, "--model_path", path), "c.pdparams: its " + field)
+
+
+def test_a_negative_batchnorm_variance_is_refused_naming_it(small_checkpoint, tmp_path):
+    def negative(data):
+        key = next(k for k in data["swa_state_dict"] if k.endswith("_variance"))
+        data["swa_state_dict"][key] = -paddle.ones_like(data["swa_state_dict"][key])
+    path = _with(small_checkpoint, tmp_path, negative)
+    one_line_error(run_main(evaluation.main, "--model_path", path), "BatchNorm variance",
+                   "_variance is negative")

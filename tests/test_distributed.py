@@ -153,7 +153,7 @@ def test_a_missing_dataset_is_downloaded_once_and_read_intact_by_every_rank(tmp_
     finish([proc])
     assert notes.read_text() == "rank 0\n"
     ckpt = checkpoints.load_checkpoint(str(tmp_path / "run" / "checkpoint-1.pdparams"))
-    assert ckpt["dataset"] == "CIFAR10"
+    assert ckpt.dataset == "CIFAR10"
     assert "(40 train / 8 test)" in (logs / "workerlog.0").read_text()
 
 

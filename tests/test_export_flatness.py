@@ -27,9 +27,9 @@ def _swa_logits(checkpoint, images):
     """The checkpoint's SWA model on the test images, normalised as in training (by hand)."""
     ckpt = checkpoints.load_checkpoint(str(checkpoint))
     model = models.build("SimpleCNN", 10, 1)
-    checkpoints.load_weights(model, ckpt["swa_state_dict"])
+    checkpoints.load_weights(model, ckpt.swa_state_dict)
     model.eval()
-    mean, std = (np.array(ckpt["normalization"][k], np.float32) for k in ("mean", "std"))
+    mean, std = (np.array(ckpt.normalization[k], np.float32) for k in ("mean", "std"))
     x = (images / 255.0 - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
     with paddle.no_grad():
         return model(paddle.to_tensor(x.astype(np.float32))).numpy()

@@ -77,7 +77,7 @@ def test_cyclic_schedule_needs_swa(tmp_path):
 def test_swa_fine_tunes_from_given_weights(tmp_path):
     first = run_main(train.main, *QUICK, "--epochs", 3, "--dir", tmp_path / "pre")
     assert first.returncode == 0, first.stderr
-    pretrained = checkpoints.load_checkpoint(str(tmp_path / "pre" / "checkpoint-3.pdparams"))["state_dict"]
+    pretrained = checkpoints.load_checkpoint(str(tmp_path / "pre" / "checkpoint-3.pdparams")).state_dict
     plain = tmp_path / "weights.pdparams"
     paddle.save(pretrained, str(plain))
     for source in (tmp_path / "pre" / "checkpoint-3.pdparams", plain):
@@ -86,12 +86,12 @@ def test_swa_fine_tunes_from_given_weights(tmp_path):
                             "--swa_lr", 0.01, "--init", source, "--dir", run_dir)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"starting from {source}" in result.stdout
-        start = checkpoints.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))["state_dict"]
+        start = checkpoints.load_checkpoint(str(run_dir / "checkpoint-0.pdparams")).state_dict
         for key, value in pretrained.items():
             np.testing.assert_array_equal(start[key].numpy(), value.numpy(), err_msg=key)
         rows = report.read_metrics(str(run_dir))
         assert [r["lr"] for r in rows] == [pytest.approx(0.01)] * 2  # swa_lr from the start
-        assert checkpoints.load_checkpoint(str(run_dir / "checkpoint-2.pdparams"))["swa_n"] == 2
+        assert checkpoints.load_checkpoint(str(run_dir / "checkpoint-2.pdparams")).swa_n == 2
 
 
 def test_bad_init_files_are_refused(tmp_path):
@@ -122,8 +122,8 @@ def test_average_checkpoints_is_their_mean_and_evaluates(saved_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "averaged 3 checkpoints (epochs 2, 3, 4)" in result.stdout
     averaged = checkpoints.load_checkpoint(str(out))
-    states = [checkpoints.load_checkpoint(str(p))["state_dict"] for p in paths]
-    for key, value in averaged["swa_state_dict"].items():
+    states = [checkpoints.load_checkpoint(str(p)).state_dict for p in paths]
+    for key, value in averaged.swa_state_dict.items():
         expected = np.mean([s[key].numpy() for s in states], axis=0)
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
     evaluated = run_main(evaluation.main, "--model_path", out)
@@ -142,7 +142,8 @@ def test_average_checkpoints_is_their_mean_and_evaluates(saved_run, tmp_path):
 
 def test_average_checkpoints_refuses_mixed_architectures_and_overwrites(saved_run, tmp_path):
     other = models.build("SimpleCNN", 10, 3)
-    foreign = checkpoints.save_checkpoint(str(tmp_path), 9, state_dict=other.state_dict(), optimizer={})
+    foreign = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=9,
+                                          state_dict=other.state_dict(), optimizer={}))
     average = script("average_checkpoints").main
     one_line_error(run_main(average, saved_run / "checkpoint-4.pdparams", foreign, "--out",
                               tmp_path / "x.pdparams"), "checkpoint-9.pdparams", "same architecture")

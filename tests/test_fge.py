@@ -44,7 +44,7 @@ def test_a_run_snapshots_at_each_midpoint_and_lists_them(fge_run):
     lrs = {int(row["ep"]): row["lr"] for row in metrics_rows(fge_run)}
     assert [lrs[e] for e in (7, 8, 9, 10)] == pytest.approx([0.05, 0.005, 0.05, 0.005])
     ckpt = checkpoints.load_checkpoint(str(fge_run / "checkpoint-12.pdparams"))
-    assert ckpt["fge_snapshots"] == ["fge-7.pdparams", "fge-9.pdparams", "fge-11.pdparams"]
+    assert ckpt.fge_snapshots == ["fge-7.pdparams", "fge-9.pdparams", "fge-11.pdparams"]
 
 
 def _probabilities(path):
@@ -52,10 +52,10 @@ def _probabilities(path):
     a numpy softmax."""
     ckpt = checkpoints.load_checkpoint(str(path))
     model = models.build("SimpleCNN", 10, 1)
-    model.set_state_dict(ckpt["state_dict"])
+    model.set_state_dict(ckpt.state_dict)
     model.eval()
     ds = data.load_dataset("digits")
-    mean, std = (np.array(ckpt["normalization"][k], np.float32) for k in ("mean", "std"))
+    mean, std = (np.array(ckpt.normalization[k], np.float32) for k in ("mean", "std"))
     x = (ds.test.images.astype(np.float32) / 255 - mean) / std
     with paddle.no_grad():
         logits = model(paddle.to_tensor(x.transpose(0, 3, 1, 2))).numpy().astype(np.float64)
@@ -88,8 +88,8 @@ def test_a_run_killed_mid_cycle_resumes_bit_identically_with_the_same_snapshots(
     resumed = run_main(train.main, *FGE, "--dir", run_dir, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ["checkpoint-12.pdparams", "fge-7.pdparams", "fge-9.pdparams", "fge-11.pdparams"]:
-        a = checkpoints.load_checkpoint(str(fge_run / name))["state_dict"]
-        b = checkpoints.load_checkpoint(str(run_dir / name))["state_dict"]
+        a = checkpoints.load_checkpoint(str(fge_run / name)).state_dict
+        b = checkpoints.load_checkpoint(str(run_dir / name)).state_dict
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=f"{name} {key}")
     assert sorted(os.listdir(run_dir)) == sorted(os.listdir(fge_run))
@@ -100,10 +100,10 @@ def test_fge_with_swa_averages_the_snapshots(tmp_path):
     run_dir = tmp_path / "run"
     assert run_main(train.main, *FGE, "--swa", "--swa_lr", "0.05", "--dir", run_dir).returncode == 0
     ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-12.pdparams"))
-    assert ckpt["swa_n"] == 3
-    snapshots = [checkpoints.load_checkpoint(str(run_dir / f"fge-{e}.pdparams"))["state_dict"]
+    assert ckpt.swa_n == 3
+    snapshots = [checkpoints.load_checkpoint(str(run_dir / f"fge-{e}.pdparams")).state_dict
                  for e in (7, 9, 11)]
-    np.testing.assert_allclose(ckpt["swa_state_dict"]["fc.weight"].numpy(),
+    np.testing.assert_allclose(ckpt.swa_state_dict["fc.weight"].numpy(),
                                np.mean([s["fc.weight"].numpy() for s in snapshots], axis=0),
                                rtol=1e-5, atol=1e-6)
 

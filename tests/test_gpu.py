@@ -28,7 +28,7 @@ def test_training_on_a_gpu_and_eval_reproduce_the_last_row(tmp_path, extra):
     assert ", gpu;" in result.stdout
     last = [line for line in result.stdout.splitlines() if re.match(r"\s+4\s", line)][-1].split()
     ckpt = checkpoints.load_checkpoint(str(tmp_path / "run" / "checkpoint-4.pdparams"))
-    assert {str(v.dtype) for v in ckpt["swa_state_dict"].values()} == {"paddle.float32"}
+    assert {str(v.dtype) for v in ckpt.swa_state_dict.values()} == {"paddle.float32"}
     evaluated = run_main(evaluation.main, "--model_path", tmp_path / "run" / "checkpoint-4.pdparams",
                          "--device", "gpu")
     accuracy = float(re.search(r"accuracy ([\d.]+)%", evaluated.stdout)[1])
@@ -77,8 +77,8 @@ def test_amp_runs_train_resume_and_average_in_float32(tmp_path, level):
     got, resumed_ckpt = _tensors(tmp_path / "part" / "checkpoint-4.pdparams")
     for key in expected:  # at an epoch's end, on the same GPU: bit-identical
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-    assert {str(v.dtype) for v in ckpt["swa_state_dict"].values()} == {"paddle.float32"}
-    assert ckpt["amp_scaler"] is not None and resumed_ckpt["amp_scaler"] is not None
+    assert {str(v.dtype) for v in ckpt.swa_state_dict.values()} == {"paddle.float32"}
+    assert ckpt.amp_scaler is not None and resumed_ckpt.amp_scaler is not None
 
 
 def test_an_overflow_in_one_step_is_skipped_and_counted_not_taken_for_a_nan(tmp_path, monkeypatch):

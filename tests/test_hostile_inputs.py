@@ -75,10 +75,11 @@ def test_our_files_papers_state_dicts_and_the_old_layout_still_load(tmp_path):
         for key, value in model.state_dict().items():
             assert isinstance(loaded[key], paddle.Tensor), (name, key)
             np.testing.assert_array_equal(loaded[key].numpy(), value.numpy())
-    saved = checkpoints.save_checkpoint(str(tmp_path), 1, state_dict=model.state_dict(), optimizer={},
-                                        rng=checkpoints.get_rng_state())
+    saved = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=1,
+                                        state_dict=model.state_dict(), optimizer={},
+                                        rng=checkpoints.get_rng_state()))
     ckpt = checkpoints.load_checkpoint(saved)
-    assert isinstance(ckpt["rng"]["numpy"][1], np.ndarray)  # arrays beside tensors stay numpy
+    assert isinstance(ckpt.rng["numpy"][1], np.ndarray)  # arrays beside tensors stay numpy
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "devnull"])
@@ -131,8 +132,8 @@ def test_non_finite_weights_are_refused_where_they_are_loaded_naming_the_tensor(
     one_line_error(run_main(train.main, *QUICK, "--init", tmp_path / "nan.pdparams",
                             "--dir", tmp_path / "a"), "fc.weight holds NaN or infinite values")
     ckpt = checkpoints.load_checkpoint(str(run / "checkpoint-2.pdparams"))
-    ckpt["swa_state_dict"]["fc.bias"] = paddle.full(ckpt["swa_state_dict"]["fc.bias"].shape, float("inf"))
-    paddle.save(ckpt, str(tmp_path / "inf.pdparams"))
+    ckpt.swa_state_dict["fc.bias"] = paddle.full(ckpt.swa_state_dict["fc.bias"].shape, float("inf"))
+    paddle.save(ckpt.to_dict(), str(tmp_path / "inf.pdparams"))
     for main, argv in ((evaluation.main, ["--model_path", tmp_path / "inf.pdparams"]),
                        (script("export").main, ["--model_path", tmp_path / "inf.pdparams",
                                                 "--out", tmp_path / "exp" / "m"])):

@@ -39,7 +39,7 @@ def finished(tmp_path_factory):
 
 def test_the_ema_run_is_warmed_up_as_asked(finished):
     ckpt = checkpoints.load_checkpoint(str(finished / "ema" / "checkpoint-4.pdparams"))
-    assert ckpt["swa_ema_decay"] == 0.9 and ckpt["swa_ema_warmup"] == [1.0, 2 / 3, 0.0]
+    assert ckpt.swa_ema_decay == 0.9 and ckpt.swa_ema_warmup == [1.0, 2 / 3, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_nan_loss_stops_at_once_and_keeps_checkpoints(tmp_path):
     message = result.stderr.strip().splitlines()[-1]
     assert "loss became nan at epoch 1 step" in message and "Traceback" not in result.stderr
     ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-0.pdparams"))
-    assert all(np.isfinite(v.numpy()).all() for v in ckpt["state_dict"].values())
+    assert all(np.isfinite(v.numpy()).all() for v in ckpt.state_dict.values())
     assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams")) == ["checkpoint-0.pdparams"]
 
 
@@ -116,8 +116,8 @@ def test_a_checkpoint_with_another_device_sets_generator_state_resumes_exactly(u
     ckpt = checkpoints.load_checkpoint(str(path))
     import paddle
     # As an 8-GPU run saved it before: one generator state per visible device.
-    ckpt["rng"]["paddle"] = paddle.get_rng_state() * 8
-    paddle.save(ckpt, str(path))
+    ckpt.rng["paddle"] = paddle.get_rng_state() * 8
+    paddle.save(ckpt.to_dict(), str(path))
     resumed = run_main(train.main, *RUN, "--dir", run_dir, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(_weights(uninterrupted), _weights(run_dir))

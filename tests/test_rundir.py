@@ -98,8 +98,8 @@ def test_resuming_an_older_checkpoint_asks_before_discarding_later_ones(runs, tm
     assert result.returncode == 0, result.stderr
     final = checkpoints.load_checkpoint(str(run_dir / "checkpoint-3.pdparams"))
     expected = checkpoints.load_checkpoint(str(runs / "a" / "checkpoint-3.pdparams"))
-    for key, value in expected["swa_state_dict"].items():
-        np.testing.assert_array_equal(final["swa_state_dict"][key].numpy(), value.numpy())
+    for key, value in expected.swa_state_dict.items():
+        np.testing.assert_array_equal(final.swa_state_dict[key].numpy(), value.numpy())
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
 
 

@@ -332,10 +332,11 @@ def test_ema_resumed_from_its_state_is_bit_identical(tmp_path):
     for w in weights[:2]:
         model.set_state_dict(w)
         first.update(model)
-    path = checkpoints.save_checkpoint(str(tmp_path), 2, state_dict=model.state_dict(), optimizer={},
-                                       **first.state_dict())
+    path = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=2,
+                                       state_dict=model.state_dict(), optimizer={},
+                                       **first.state_dict()))
     resumed = utils.SWA(models.build("SimpleCNN", num_classes=3), ema_decay=0.8)
-    resumed.set_state_dict(checkpoints.load_checkpoint(path))
+    resumed.set_state_dict(checkpoints.load_checkpoint(path).average_state())
     for w in weights[2:]:
         model.set_state_dict(w)
         resumed.update(model)
@@ -482,23 +483,24 @@ def test_checkpoint_round_trip_restores_average_and_count(tmp_path):
     for _ in range(3):
         _randomise(model, rng)
         swa.update(model)
-    path = checkpoints.save_checkpoint(str(tmp_path), 7, state_dict=model.state_dict(),
-                                       optimizer={}, **swa.state_dict())
+    path = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=7,
+                                       state_dict=model.state_dict(),
+                                       optimizer={}, **swa.state_dict()))
     assert path.endswith("checkpoint-7.pdparams")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7.pdparams"]  # no temp left
+    assert set(checkpoints.ORIGINAL_KEYS) <= set(checkpoints.read_file(path))  # the original's keys
     ckpt = checkpoints.load_checkpoint(path)
-    for key in checkpoints.ORIGINAL_KEYS:
-        assert key in ckpt
     restored = utils.SWA(models.build("SimpleCNN", num_classes=3))
-    restored.set_state_dict(ckpt)
-    assert restored.n == 3 and ckpt["epoch"] == 7
+    restored.set_state_dict(ckpt.average_state())
+    assert restored.n == 3 and ckpt.epoch == 7
     for key, value in _snapshot(restored.model).items():
         np.testing.assert_array_equal(value, _snapshot(swa.model)[key])
 
 
 def test_load_checkpoint_refuses_bad_files(tmp_path):
     model = models.build("SimpleCNN")
-    path = checkpoints.save_checkpoint(str(tmp_path), 1, state_dict=model.state_dict(), optimizer={})
+    path = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=1,
+                                       state_dict=model.state_dict(), optimizer={}))
     truncated = tmp_path / "truncated.pdparams"
     whole = open(path, "rb").read()
     truncated.write_bytes(whole[:len(whole) // 2])

@@ -87,10 +87,11 @@ def test_same_seed_same_sample_and_scale_zero_is_the_mean(tmp_path):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, swag.sample(seed=8).w.numpy())
     np.testing.assert_allclose(swag.sample(scale=0.0, seed=3).w.numpy(), np.mean(thetas, 0), rtol=1e-5)
-    path = checkpoints.save_checkpoint(str(tmp_path), 5, state_dict=model.state_dict(), optimizer={},
-                                       **swag.state_dict())
+    path = checkpoints.save_checkpoint(str(tmp_path), checkpoints.Checkpoint(epoch=5,
+                                       state_dict=model.state_dict(), optimizer={},
+                                       **swag.state_dict()))
     restored = utils.SWAG(Tiny(), max_rank=3)
-    restored.set_state_dict(checkpoints.load_checkpoint(path))
+    restored.set_state_dict(checkpoints.load_checkpoint(path).average_state())
     np.testing.assert_array_equal(restored.sample(seed=7).w.numpy(), a)
     with pytest.raises(ValueError, match="2 or more"):
         one = utils.SWAG(model)
@@ -105,7 +106,7 @@ QUICK = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "6", "--swa"
 def test_eval_compares_sgd_swa_and_swag_on_digits(tmp_path, capsys):
     assert train.main(QUICK + ["--dir", str(tmp_path / "run")]) == 0
     ckpt = checkpoints.load_checkpoint(str(tmp_path / "run" / "checkpoint-6.pdparams"))
-    assert len(ckpt["swag_deviations"]) == 3 and ckpt["swa_n"] == 4
+    assert len(ckpt.swag_deviations) == 3 and ckpt.swa_n == 4
     capsys.readouterr()
     path = str(tmp_path / "run" / "checkpoint-6.pdparams")
     assert evaluation.main(["--model_path", path, "--swag_samples", "3", "--reliability",

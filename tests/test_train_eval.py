@@ -1,5 +1,6 @@
 """train.py and eval.py end to end, as a user runs them."""
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -52,7 +53,7 @@ def test_training_writes_table_checkpoints_and_command(digits_run):
     with open(run_dir / "metrics.csv") as f:
         assert [int(r["ep"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
     ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
-    assert ckpt["swa_n"] == 2 and ckpt["epoch"] == 4 and ckpt["swa_bn_updated"]
+    assert ckpt.swa_n == 2 and ckpt.epoch == 4 and ckpt.swa_bn_updated
 
 
 def test_eval_reproduces_final_swa_and_sgd_accuracy(digits_run):
@@ -73,12 +74,11 @@ def test_eval_recomputes_stale_batchnorm_statistics_as_train_did(tmp_path, digit
     run_dir, result = digits_run
     swa_acc = float(_table(result.stdout)[1][-1].split()[7])
     ckpt = checkpoints.load_checkpoint(str(run_dir / "checkpoint-4.pdparams"))
-    stale = dict(ckpt, swa_bn_updated=False, swa_state_dict=dict(ckpt["swa_state_dict"]))
-    for key, value in stale["swa_state_dict"].items():
+    stale = dataclasses.replace(ckpt, swa_bn_updated=False, swa_state_dict=dict(ckpt.swa_state_dict))
+    for key, value in stale.swa_state_dict.items():
         if key.endswith("_mean"):  # statistics no refresh would leave: far off and marked stale
-            stale["swa_state_dict"][key] = paddle.full(value.shape, 50.0)
-    path = checkpoints.write_checkpoint(str(tmp_path / "stale.pdparams"), 4, **{
-        k: v for k, v in stale.items() if k not in ("epoch", "step", "format")})
+            stale.swa_state_dict[key] = paddle.full(value.shape, 50.0)
+    path = checkpoints.write_checkpoint(str(tmp_path / "stale.pdparams"), stale)
     out = run_main(evaluation.main, "--model_path", path)
     assert out.returncode == 0, out.stderr
     line = out.stdout.splitlines()[1]
@@ -123,8 +123,9 @@ def previous_run(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     model = paddle.nn.Linear(2, 2)
-    checkpoints.save_checkpoint(str(run_dir), 3, state_dict=model.state_dict(), optimizer={},
-                          swa_state_dict=None, swa_n=None)
+    checkpoints.save_checkpoint(str(run_dir), checkpoints.Checkpoint(epoch=3,
+                                state_dict=model.state_dict(), optimizer={},
+                          swa_state_dict=None, swa_n=None))
     (run_dir / "metrics.csv").write_text("ep,lr\n1,0.1\n")
     return run_dir, snapshot_dir(run_dir)
 
@@ -184,7 +185,8 @@ def _bad_checkpoints(tmp_path, digits_run):
     other = tmp_path / "other"
     other.mkdir()
     model = paddle.nn.Linear(3, 3)
-    foreign = checkpoints.save_checkpoint(str(other), 1, state_dict=model.state_dict(), optimizer={})
+    foreign = checkpoints.save_checkpoint(str(other), checkpoints.Checkpoint(epoch=1,
+                                          state_dict=model.state_dict(), optimizer={}))
     return [(truncated, "unreadable"), (noise, "unreadable"), (foreign, "does not record the flags")]
 
 
