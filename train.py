@@ -232,11 +232,13 @@ def train_loop(run, start, stop):
         lr_at = epoch_rate(args, epoch, steps)
         tr = train_epoch(run, epoch, start, lr_at, stop)
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
+            check_weights(run, epoch)
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
         row = {"ep": epoch + 1, "lr": lr_at(0), "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
                "skipped": tr["skipped"],
                "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
         synchronise(run)
+        check_weights(run, epoch)
         if args.fge and schedules.is_fge_snapshot_epoch(epoch + 1, args.swa_start, args.fge_cycle):
             run.snapshot(epoch + 1)
         evaluate = training.evaluation_epoch(epoch, args.eval_freq, args.epochs)
@@ -248,6 +250,8 @@ def train_loop(run, start, stop):
         if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
             swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
             row.update(training.eval_columns(run, swa.model, run.average))
+        if swa is not None:  # updated or refreshed since the check above: check before saving
+            check_weights(run, epoch, sgd=False)
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
@@ -328,6 +332,23 @@ def train_epoch(run, epoch, start, lr_at, stop):
     finally:
         if run.progress:
             run.progress.clear()
+
+
+def check_weights(run, epoch, sgd=True):
+    """Stop as for a NaN loss when the weights (the SGD model's with `sgd`, the average's once
+    it holds a model) hold NaN or infinity, before they are saved. The loss does not always
+    show it: in training BatchNorm normalises with the batch's statistics, so an overflowed
+    running variance leaves the loss finite and the saved model predicting nonsense."""
+    named = {"the SGD model's": run.model} if sgd else {}
+    if run.swa is not None and run.swa.n:
+        named["the average's"] = run.swa.model
+    bad = training.first_non_finite(named)
+    any_bad, = run.env.agree_any(bad is not None)  # every rank stops, none waits for the others
+    if any_bad:
+        raise errors.Diverged(f"the weights became NaN or infinite at epoch {epoch + 1} "
+                              f"({bad or 'on another rank'}) while the loss stayed finite; training "
+                              "stopped and the checkpoints in --dir are those saved before; lower "
+                              "--lr_init, --swa_lr or --wd")
 
 
 def synchronise(run):

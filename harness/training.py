@@ -171,6 +171,7 @@ class Run:
                                          "run's files back, or start a new run in another --dir")
         checkpoints.load_weights(self.model, ckpt["state_dict"], source=path)
         checkpoints.check_finite(ckpt.get("swa_state_dict"), source=f"{path} (the average)")
+        check_finite_optimizer(ckpt.get("optimizer"), path)
         try:
             self.optimizer.set_state_dict(ckpt["optimizer"])
             if self.swa is not None:
@@ -208,6 +209,36 @@ class Run:
             self.visualdl.close()
         if self.lock:
             self.lock.close()
+
+
+def check_finite_optimizer(state, path):
+    """Refuse a checkpoint whose optimizer state (momentum buffers, O2's master weights) holds
+    NaN or infinity: finite weights would be driven to NaN by the first step after resuming."""
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{key}/{k}" if key else str(k))
+        elif isinstance(value, (paddle.Tensor, np.ndarray, float)):
+            yield key, value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+
+    for key, array in walk(state or {}, ""):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise errors.CheckpointError(f"--resume {path}: the optimizer state {key} holds NaN or "
+                                         "infinite values (the run diverged before it was saved?); "
+                                         "resume from an earlier checkpoint")
+
+
+def first_non_finite(named_models):
+    """`<label> <tensor name>` of the first floating-point parameter or buffer (a BatchNorm
+    running variance, say) of `named_models` ({label: Layer}) holding NaN or infinity, or None.
+    One read from the device for all tensors: cheap enough once per epoch on a GPU."""
+    named = [(f"{label} {key}", t) for label, model in named_models.items()
+             for key, t in model.state_dict().items() if paddle.is_floating_point(t)]
+    if not named:
+        return None
+    finite = paddle.stack([paddle.isfinite(t).all() for _, t in named]).numpy()
+    bad = np.flatnonzero(~finite)
+    return named[bad[0]][0] if len(bad) else None
 
 
 # --------------------------------------------------------------------------- building
