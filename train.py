@@ -204,21 +204,29 @@ def train(args, command):
     """Train as `args` say; `command` is the command line to record. Returns the exit code."""
     # Optimizer state is saved under generated names (e.g. conv2d_0.w_0_velocity_0): a fresh
     # name scope makes them the same in every run, whatever ran before in this process.
-    with paddle.utils.unique_name.guard():
-        run, start = training.setup(args, command, IDENTITY, LEGACY)
-        if run is None:
-            print(start)
-            return 0
-        try:
-            with training.StopFlag() as stop:
-                code = train_loop(run, start, stop)
-        finally:
-            run.close()
-    if code == 0 and run.env.is_master:
-        path = report.plot_runs([args.dir], os.path.join(args.dir, "convergence.png"))
-        run.log(f"plot: {path}" + (f"; curves in VisualDL: {run.visualdl.command()}"
-                                   if run.visualdl else ""))
+    try:
+        with paddle.utils.unique_name.guard():
+            run, start = training.setup(args, command, IDENTITY, LEGACY)
+            if run is None:
+                print(start)
+                return 0
+            try:
+                with training.StopFlag() as stop:
+                    code = train_loop(run, start, stop)
+                    if code == 0 and run.env.is_master:  # still under StopFlag: no unguarded gap
+                        plot(run)
+            finally:
+                run.close()  # the lock last: the plot is written by the run's one writer
+    except training.Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        return 128 + e.signum
     return code
+
+
+def plot(run):
+    path = training.draw_plot(run.args.dir)
+    run.log(f"plot: {path}" + (f"; curves in VisualDL: {run.visualdl.command()}"
+                               if run.visualdl else ""))
 
 
 def train_loop(run, start, stop):

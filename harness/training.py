@@ -39,6 +39,46 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while `draw_plot` drew; `signum` is the signal."""
+
+    def __init__(self, signum, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} while drawing {path}, which "
+                         "was not written; the training is finished: draw the plot with the same "
+                         "command plus --resume auto")
+        self.signum = signum
+
+
+PLOT = "convergence.png"
+
+
+def draw_plot(directory):
+    """Draw DIR/convergence.png from DIR/metrics.csv (atomically); returns its path. A signal
+    meanwhile stops the drawing at once, raising Stopped: matplotlib cannot be asked to stop
+    early, and the default handlers would kill the process or raise KeyboardInterrupt inside
+    it. Nothing is written then, and a resume of the finished run draws it."""
+    path = os.path.join(directory, PLOT)
+
+    def stop(signum, frame):
+        raise Stopped(signum, path)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return report.plot_runs([directory], path)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def draw_missing_plot(directory):
+    """For a finished run: draw its plot if a stop or a full disk lost it. Returns a line
+    saying so (after a newline), or ''."""
+    if os.path.exists(os.path.join(directory, PLOT)) or \
+            not os.path.exists(os.path.join(directory, "metrics.csv")):
+        return ""
+    return f"\nplot: {draw_plot(directory)} (it was missing: drawn again)"
+
+
 def step_seed(seed, rank, epoch, step):
     """The seed of Paddle's generator (dropout) before a step: a function of where training
     is, so a resume draws the same masks on any device set."""
@@ -320,9 +360,10 @@ def setup(args, command, identity, legacy):
 
     plan = env.on_master(decide)
     if plan.finished:
-        if "lock" in held:
-            held["lock"].close()
-        return None, plan.finished
+        if "lock" not in held:  # not rank 0
+            return None, plan.finished
+        with held["lock"]:  # rank 0 holds --dir's lock while it draws
+            return None, plan.finished + draw_missing_plot(args.dir)
     try:
         run, start = env.together(build_run, args, env, plan, device, held.get("ckpt"))
         run.lock = held.get("lock")
