@@ -208,6 +208,22 @@ def test_eval_and_offline_averaging_refuse_bad_sizes_and_outputs(runs, tmp_path)
     one_line_error(run_main(compare, "--out_dir", tmp_path / "file"), "is a file")
 
 
+@pytest.mark.parametrize("flags, fragments", [
+    (["--epochs", 5, "--swa_start", 9], ["refuse the swa run with seed 1", "--swa_start 9 is beyond --epochs 5"]),
+    (["--dataset", "ImageNet"], ["refuse the sgd run", "unknown dataset 'ImageNet'"]),
+    (["--methods", "sgd", "fge", "--epochs", 5, "--swa_start", 4, "--fge_cycle", 4],
+     ["refuse the fge run", "first snapshot is after epoch 6, beyond --epochs 5"]),
+    (["--", "--lr_init", "0"], ["refuse the sgd run", "--lr_init: must be > 0"]),
+])
+def test_compare_refuses_a_run_train_would_refuse_before_training_or_creating_anything(
+        tmp_path, monkeypatch, flags, fragments):
+    compare = script("compare")
+    monkeypatch.setattr(compare, "run_all", lambda *a: pytest.fail("trained before checking every run"))
+    one_line_error(run_main(compare.main, "--seeds", 1, 2, *flags, "--out_dir", tmp_path / "cmp"),
+                   *fragments)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_mid_epoch_checkpoint_is_called_so_and_step_files_go_once_superseded(tmp_path):
     run_dir = tmp_path / "run"
     killed = run_script(os.path.join("tests", "interrupt.py"), "step", 17, "TERM", *RUN,
