@@ -38,6 +38,10 @@ MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--dat
 LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
           "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16",
           "fge": False, "fge_cycle": 4, "fge_lr1": 0.05, "fge_lr2": 0.0005}
+# Flags that do something only beside another, and their defaults: the parser's default is
+# None, so that one given without the other is refused (it would do nothing), and these are
+# filled in after parsing.
+DEPENDENT = {"swa_start": 161, "swa_lr": 0.05, "amp_dtype": "float16"}
 
 
 
@@ -106,10 +110,10 @@ def build_parser():
 
     swa = p.add_argument_group("SWA")
     swa.add_argument("--swa", action="store_true", help="swa usage flag (default: off)")
-    swa.add_argument("--swa_start", type=cli.number(int, 0), default=161, metavar="N",
-                     help="SWA start epoch number (default: 161)")
-    swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, default=0.05, metavar="LR",
-                     help="SWA LR (default: 0.05)")
+    swa.add_argument("--swa_start", type=cli.number(int, 0), metavar="N",
+                     help=f"SWA start epoch number (default: {DEPENDENT['swa_start']})")
+    swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, metavar="LR",
+                     help=f"SWA LR (default: {DEPENDENT['swa_lr']})")
     swa.add_argument("--swa_c_epochs", type=cli.POSITIVE_INT, default=1, metavar="N",
                      help="SWA model collection frequency/cycle length in epochs (default: 1)")
     swa.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="linear",
@@ -157,13 +161,14 @@ def build_parser():
                                "precision where safe, O2 keeps half-precision weights with "
                                "float32 master weights; float16 uses dynamic loss scaling, its "
                                "skipped steps counted (default: None, float32)")
-    hardware.add_argument("--amp_dtype", choices=["float16", "bfloat16"], default="float16",
-                          help="the half-precision type of --amp (default: float16)")
+    hardware.add_argument("--amp_dtype", choices=["float16", "bfloat16"],
+                          help=f"the half-precision type of --amp (default: {DEPENDENT['amp_dtype']})")
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    check_dependent(args)
     if args.lr_schedule == "cyclic" and not args.swa:
         raise errors.UsageError("--lr_schedule cyclic is SWA's schedule: add --swa (and --swa_start, --swa_lr)")
     for flag in ("ema_decay", "swag"):
@@ -188,6 +193,28 @@ def parse_args(argv=None):
     return args
 
 
+def check_dependent(args):
+    """Refuse a flag of DEPENDENT given without the flag it works with, as --ema_decay without
+    --swa is; fill in the defaults of those not given."""
+    averaging = "--swa or --fge", "--swa (or --fge)", args.swa or args.fge
+    for flag, (needs, fix, active) in (("swa_start", averaging), ("swa_lr", averaging),
+                                       ("amp_dtype", ("--amp", "--amp O1 (or O2)", args.amp))):
+        value = getattr(args, flag)
+        if value is None:
+            setattr(args, flag, DEPENDENT[flag])
+        elif not active:
+            raise errors.UsageError(f"--{flag} {value} needs {needs} (without, it does nothing): "
+                                    f"add {fix}, or drop --{flag}")
+
+
+def identity_of(args):
+    """The IDENTITY flags that define this run: not those that do nothing in it (a run of an
+    older version may have recorded any value there, which a resume could not repeat now)."""
+    idle = ({"swa_start", "swa_lr"} if not (args.swa or args.fge) else set()) | \
+        ({"amp_dtype"} if not args.amp else set())
+    return tuple(name for name in IDENTITY if name not in idle)
+
+
 def check_epochs(args):
     first = args.swa_start + (args.fge_cycle + 1) // 2  # FGE's first snapshot
     if args.fge and first > args.epochs:
@@ -206,7 +233,7 @@ def train(args, command):
     # name scope makes them the same in every run, whatever ran before in this process.
     try:
         with paddle.utils.unique_name.guard():
-            run, start = training.setup(args, command, IDENTITY, LEGACY)
+            run, start = training.setup(args, command, identity_of(args), LEGACY)
             if run is None:
                 print(start)
                 return 0
