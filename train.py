@@ -38,6 +38,10 @@ MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--dat
 LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
           "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16",
           "fge": False, "fge_cycle": 4, "fge_lr1": 0.05, "fge_lr2": 0.0005}
+# Flags that do something only beside another, and their defaults: the parser's default is
+# None, so that one given without the other is refused (it would do nothing), and these are
+# filled in after parsing.
+DEPENDENT = {"swa_start": 161, "swa_lr": 0.05, "amp_dtype": "float16"}
 
 
 
@@ -106,10 +110,10 @@ def build_parser():
 
     swa = p.add_argument_group("SWA")
     swa.add_argument("--swa", action="store_true", help="swa usage flag (default: off)")
-    swa.add_argument("--swa_start", type=cli.number(int, 0), default=161, metavar="N",
-                     help="SWA start epoch number (default: 161)")
-    swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, default=0.05, metavar="LR",
-                     help="SWA LR (default: 0.05)")
+    swa.add_argument("--swa_start", type=cli.number(int, 0), metavar="N",
+                     help=f"SWA start epoch number (default: {DEPENDENT['swa_start']})")
+    swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, metavar="LR",
+                     help=f"SWA LR (default: {DEPENDENT['swa_lr']})")
     swa.add_argument("--swa_c_epochs", type=cli.POSITIVE_INT, default=1, metavar="N",
                      help="SWA model collection frequency/cycle length in epochs (default: 1)")
     swa.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="linear",
@@ -157,13 +161,14 @@ def build_parser():
                                "precision where safe, O2 keeps half-precision weights with "
                                "float32 master weights; float16 uses dynamic loss scaling, its "
                                "skipped steps counted (default: None, float32)")
-    hardware.add_argument("--amp_dtype", choices=["float16", "bfloat16"], default="float16",
-                          help="the half-precision type of --amp (default: float16)")
+    hardware.add_argument("--amp_dtype", choices=["float16", "bfloat16"],
+                          help=f"the half-precision type of --amp (default: {DEPENDENT['amp_dtype']})")
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    check_dependent(args)
     if args.lr_schedule == "cyclic" and not args.swa:
         raise errors.UsageError("--lr_schedule cyclic is SWA's schedule: add --swa (and --swa_start, --swa_lr)")
     for flag in ("ema_decay", "swag"):
@@ -188,6 +193,28 @@ def parse_args(argv=None):
     return args
 
 
+def check_dependent(args):
+    """Refuse a flag of DEPENDENT given without the flag it works with, as --ema_decay without
+    --swa is; fill in the defaults of those not given."""
+    averaging = "--swa or --fge", "--swa (or --fge)", args.swa or args.fge
+    for flag, (needs, fix, active) in (("swa_start", averaging), ("swa_lr", averaging),
+                                       ("amp_dtype", ("--amp", "--amp O1 (or O2)", args.amp))):
+        value = getattr(args, flag)
+        if value is None:
+            setattr(args, flag, DEPENDENT[flag])
+        elif not active:
+            raise errors.UsageError(f"--{flag} {value} needs {needs} (without, it does nothing): "
+                                    f"add {fix}, or drop --{flag}")
+
+
+def identity_of(args):
+    """The IDENTITY flags that define this run: not those that do nothing in it (a run of an
+    older version may have recorded any value there, which a resume could not repeat now)."""
+    idle = ({"swa_start", "swa_lr"} if not (args.swa or args.fge) else set()) | \
+        ({"amp_dtype"} if not args.amp else set())
+    return tuple(name for name in IDENTITY if name not in idle)
+
+
 def check_epochs(args):
     first = args.swa_start + (args.fge_cycle + 1) // 2  # FGE's first snapshot
     if args.fge and first > args.epochs:
@@ -204,21 +231,29 @@ def train(args, command):
     """Train as `args` say; `command` is the command line to record. Returns the exit code."""
     # Optimizer state is saved under generated names (e.g. conv2d_0.w_0_velocity_0): a fresh
     # name scope makes them the same in every run, whatever ran before in this process.
-    with paddle.utils.unique_name.guard():
-        run, start = training.setup(args, command, IDENTITY, LEGACY)
-        if run is None:
-            print(start)
-            return 0
-        try:
-            with training.StopFlag() as stop:
-                code = train_loop(run, start, stop)
-        finally:
-            run.close()
-    if code == 0 and run.env.is_master:
-        path = report.plot_runs([args.dir], os.path.join(args.dir, "convergence.png"))
-        run.log(f"plot: {path}" + (f"; curves in VisualDL: {run.visualdl.command()}"
-                                   if run.visualdl else ""))
+    try:
+        with paddle.utils.unique_name.guard():
+            run, start = training.setup(args, command, identity_of(args), LEGACY)
+            if run is None:
+                print(start)
+                return 0
+            try:
+                with training.StopFlag() as stop:
+                    code = train_loop(run, start, stop)
+                    if code == 0 and run.env.is_master:  # still under StopFlag: no unguarded gap
+                        plot(run)
+            finally:
+                run.close()  # the lock last: the plot is written by the run's one writer
+    except training.Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        return 128 + e.signum
     return code
+
+
+def plot(run):
+    path = training.draw_plot(run.args.dir)
+    run.log(f"plot: {path}" + (f"; curves in VisualDL: {run.visualdl.command()}"
+                               if run.visualdl else ""))
 
 
 def train_loop(run, start, stop):
@@ -232,11 +267,13 @@ def train_loop(run, start, stop):
         lr_at = epoch_rate(args, epoch, steps)
         tr = train_epoch(run, epoch, start, lr_at, stop)
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
+            check_weights(run, epoch)
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
         row = {"ep": epoch + 1, "lr": lr_at(0), "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
                "skipped": tr["skipped"],
                "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
         synchronise(run)
+        check_weights(run, epoch)
         if args.fge and schedules.is_fge_snapshot_epoch(epoch + 1, args.swa_start, args.fge_cycle):
             run.snapshot(epoch + 1)
         evaluate = training.evaluation_epoch(epoch, args.eval_freq, args.epochs)
@@ -248,6 +285,8 @@ def train_loop(run, start, stop):
         if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
             swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
             row.update(training.eval_columns(run, swa.model, run.average))
+        if swa is not None:  # updated or refreshed since the check above: check before saving
+            check_weights(run, epoch, sgd=False)
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
@@ -328,6 +367,23 @@ def train_epoch(run, epoch, start, lr_at, stop):
     finally:
         if run.progress:
             run.progress.clear()
+
+
+def check_weights(run, epoch, sgd=True):
+    """Stop as for a NaN loss when the weights (the SGD model's with `sgd`, the average's once
+    it holds a model) hold NaN or infinity, before they are saved. The loss does not always
+    show it: in training BatchNorm normalises with the batch's statistics, so an overflowed
+    running variance leaves the loss finite and the saved model predicting nonsense."""
+    named = {"the SGD model's": run.model} if sgd else {}
+    if run.swa is not None and run.swa.n:
+        named["the average's"] = run.swa.model
+    bad = training.first_non_finite(named)
+    any_bad, = run.env.agree_any(bad is not None)  # every rank stops, none waits for the others
+    if any_bad:
+        raise errors.Diverged(f"the weights became NaN or infinite at epoch {epoch + 1} "
+                              f"({bad or 'on another rank'}) while the loss stayed finite; training "
+                              "stopped and the checkpoints in --dir are those saved before; lower "
+                              "--lr_init, --swa_lr or --wd")
 
 
 def synchronise(run):

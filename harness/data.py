@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import tarfile
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -252,11 +253,27 @@ def _load_idx(name, data_path, download):
         wanted = ", ".join(base + ".gz" for base in IDX_FILES.values())
         raise errors.DataError(f"{name} not found: put the official {wanted} in {data_path!r} "
                                "or pass --data_path; Paddle's download failed or was disabled")
+    arrays = {key: _read_idx_file(name, path) for key, path in files.items()}
+    _check_idx(files, arrays)
+    split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
+             for s in ("train", "test")}
+    return split["train"], split["test"], 10
+
+
+def _read_idx_file(name, path):
+    """read_idx, with a file that cannot be read named in a DataError."""
     try:
-        arrays = {key: read_idx(path) for key, path in files.items()}
-    except (OSError, EOFError) as e:
-        raise errors.DataError(f"{name} files in {os.path.dirname(files['train_images'])} are "
-                               f"unreadable ({type(e).__name__}: {e}); download them again") from None
+        return read_idx(path)
+    # A damaged .gz fails in the gzip header (BadGzipFile), its checksum or length (OSError,
+    # EOFError), or in the compressed data itself (zlib.error, which is no OSError).
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise errors.DataError(f"{path} is unreadable or not the official {name} file "
+                               f"({type(e).__name__}: {e}); download it again") from None
+
+
+def _check_idx(files, arrays):
+    """DataError unless the idx arrays are N x height x width images with N labels in 0..9 per
+    split, and the test images have the training images' size."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:
@@ -267,9 +284,11 @@ def _load_idx(name, data_path, download):
             raise errors.DataError(f"{files[split + '_images']} and {files[split + '_labels']} "
                                    "hold different numbers of examples")
         _check_labels(labels, 10, files[split + "_labels"])
-    split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))
-             for s in ("train", "test")}
-    return split["train"], split["test"], 10
+    train, test = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train != test:  # the models pool adaptively: another size would be scored, silently
+        raise errors.DataError(f"{files['test_images']} holds {test[0]}x{test[1]} images but "
+                               f"{files['train_images']} {train[0]}x{train[1]}: the test and training "
+                               "files are of different datasets; put the official pair in --data_path")
 
 
 def _load_digits():

@@ -176,7 +176,7 @@ def plot_runs(directories, out):
 
     Args:
         directories: run directories holding metrics.csv.
-        out: PNG path to write.
+        out: PNG path to write (atomically: see files.atomic_write).
 
     Returns:
         `out`.
@@ -217,8 +217,12 @@ def plot_runs(directories, out):
     if late:  # the first epochs' errors would flatten the rest: let them run off the top
         spread = max(late) - min(late)
         axes[0][0].set_ylim(max(0.0, min(late) - 0.5 * spread - 0.1), max(late) + 0.5 * spread + 0.1)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    # Drawn to a temporary file and renamed: a full disk or a stop leaves no partial image.
+    kind = os.path.splitext(out)[1][1:].lower() or "png"  # the temporary name says nothing
+    try:
+        files.atomic_write(out, lambda tmp: fig.savefig(tmp, format=kind, dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -39,6 +39,46 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while `draw_plot` drew; `signum` is the signal."""
+
+    def __init__(self, signum, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} while drawing {path}, which "
+                         "was not written; the training is finished: draw the plot with the same "
+                         "command plus --resume auto")
+        self.signum = signum
+
+
+PLOT = "convergence.png"
+
+
+def draw_plot(directory):
+    """Draw DIR/convergence.png from DIR/metrics.csv (atomically); returns its path. A signal
+    meanwhile stops the drawing at once, raising Stopped: matplotlib cannot be asked to stop
+    early, and the default handlers would kill the process or raise KeyboardInterrupt inside
+    it. Nothing is written then, and a resume of the finished run draws it."""
+    path = os.path.join(directory, PLOT)
+
+    def stop(signum, frame):
+        raise Stopped(signum, path)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return report.plot_runs([directory], path)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def draw_missing_plot(directory):
+    """For a finished run: draw its plot if a stop or a full disk lost it. Returns a line
+    saying so (after a newline), or ''."""
+    if os.path.exists(os.path.join(directory, PLOT)) or \
+            not os.path.exists(os.path.join(directory, "metrics.csv")):
+        return ""
+    return f"\nplot: {draw_plot(directory)} (it was missing: drawn again)"
+
+
 def step_seed(seed, rank, epoch, step):
     """The seed of Paddle's generator (dropout) before a step: a function of where training
     is, so a resume draws the same masks on any device set."""
@@ -171,6 +211,7 @@ class Run:
         checkpoints.load_weights(self.model, ckpt.state_dict, source=path)
         checkpoints.check_finite(ckpt.swa_state_dict, source=f"{path} (the average)")
         checkpoints.check_variances(ckpt.swa_state_dict, source=f"{path} (the average)")
+        check_finite_optimizer(ckpt.optimizer, path)
         try:
             self.optimizer.set_state_dict(ckpt.optimizer or {})
             if self.swa is not None:
@@ -207,6 +248,36 @@ class Run:
             self.visualdl.close()
         if self.lock:
             self.lock.close()
+
+
+def check_finite_optimizer(state, path):
+    """Refuse a checkpoint whose optimizer state (momentum buffers, O2's master weights) holds
+    NaN or infinity: finite weights would be driven to NaN by the first step after resuming."""
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{key}/{k}" if key else str(k))
+        elif isinstance(value, (paddle.Tensor, np.ndarray, float)):
+            yield key, value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+
+    for key, array in walk(state or {}, ""):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise errors.CheckpointError(f"--resume {path}: the optimizer state {key} holds NaN or "
+                                         "infinite values (the run diverged before it was saved?); "
+                                         "resume from an earlier checkpoint")
+
+
+def first_non_finite(named_models):
+    """`<label> <tensor name>` of the first floating-point parameter or buffer (a BatchNorm
+    running variance, say) of `named_models` ({label: Layer}) holding NaN or infinity, or None.
+    One read from the device for all tensors: cheap enough once per epoch on a GPU."""
+    named = [(f"{label} {key}", t) for label, model in named_models.items()
+             for key, t in model.state_dict().items() if paddle.is_floating_point(t)]
+    if not named:
+        return None
+    finite = paddle.stack([paddle.isfinite(t).all() for _, t in named]).numpy()
+    bad = np.flatnonzero(~finite)
+    return named[bad[0]][0] if len(bad) else None
 
 
 # --------------------------------------------------------------------------- building
@@ -288,9 +359,10 @@ def setup(args, command, identity, legacy):
 
     plan = env.on_master(decide)
     if plan.finished:
-        if "lock" in held:
-            held["lock"].close()
-        return None, plan.finished
+        if "lock" not in held:  # not rank 0
+            return None, plan.finished
+        with held["lock"]:  # rank 0 holds --dir's lock while it draws
+            return None, plan.finished + draw_missing_plot(args.dir)
     try:
         run, start = env.together(build_run, args, env, plan, device, held.get("ckpt"))
         run.lock = held.get("lock")

@@ -10,8 +10,12 @@ schedule (decaying to lr_init/100) and SWA (decaying to --swa_lr, then averaging
 --swag_samples it also fits SWAG). eval.py then scores the final checkpoints on the test set:
 accuracy, NLL and ECE of SGD and SWA, and with --swag_samples of SWAG-diagonal and SWAG's
 Bayesian model averages of that many samples. Flags after `--` go to every train.py run.
+Every run's command is checked by train.py's own flag checks before anything is trained or
+--out_dir is made: a run train.py would refuse is one line, exit 2.
 """
+import contextlib
 import csv
+import io
 import os
 import queue
 import re
@@ -124,6 +128,37 @@ def eval_commands(args, method, seed, device):
     return [({"SWA": "SWA", "SWAG": "SWAG"}, swag), ({"SWAG": "SWAG-diag"}, swag + ["--swag_diag"])]
 
 
+def check_runs(args, extra):
+    """Refuse, before anything is trained or created, a run that train.py would refuse: each
+    run's command goes through train.py's own parsing and checks of its flags."""
+    import train  # Paddle with it: only once compare.py's own flags have passed
+
+    for method in args.methods:
+        for seed in args.seeds:
+            argv = train_command(args, method, seed, extra, "cpu")[2:]  # past python train.py
+            problem = _refusal(train.parse_args, argv)
+            if problem:
+                raise errors.UsageError(f"train.py would refuse the {method} run with seed {seed}: "
+                                        f"{problem}")
+
+
+def _refusal(parse, argv):
+    """What `parse(argv)` refuses, as one line, or None. argparse prints its own errors and
+    exits: they are caught here, so that compare.py says which run it was."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
+            parse(argv)
+    except errors.UsageError as e:
+        return str(e)
+    except SystemExit as e:  # argparse: "train.py: error: ...", or --help after --
+        if not e.code:
+            return "--help is no training flag; see python train.py --help"
+        lines = printed.getvalue().strip().splitlines() or ["see python train.py --help"]
+        return lines[-1].removeprefix("train.py: error: ")
+    return None
+
+
 def run_dir(args, method, seed):
     return os.path.join(args.out_dir, f"{method}-seed{seed}")
 
@@ -216,6 +251,7 @@ def compare(argv):
                                 "each seed once")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise errors.UsageError(f"--out_dir {args.out_dir} is a file; choose a folder")
+    check_runs(args, extra)
     os.makedirs(args.out_dir, exist_ok=True)
     results = run_all(args, extra)
     with open(os.path.join(args.out_dir, "compare.csv"), "w", newline="") as f:

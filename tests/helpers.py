@@ -96,14 +96,14 @@ def _idx(array):
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(folder, train=40, test=20, seed=0):
-    """The four official MNIST idx .gz files."""
+def write_mnist(folder, train=40, test=20, seed=0, test_side=28):
+    """The four official MNIST idx .gz files (test images of `test_side` pixels square)."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (train, 28, 28)),
         "train-labels-idx1-ubyte": rng.integers(0, 10, train),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, 28, 28)),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, test_side, test_side)),
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, test),
     }
     for name, array in arrays.items():

@@ -3,8 +3,9 @@
     python tests/interrupt.py <point> <n> <signal> train.py-args...
 
 point: "step" (while preparing the n-th training batch of the run), "save" (during the
-n-th checkpoint write, after half the file is on disk), or "bn" (after the first batch of
-the n-th BatchNorm refresh). signal: KILL or TERM.
+n-th checkpoint write, after half the file is on disk), "bn" (after the first batch of
+the n-th BatchNorm refresh) or "plot" (while the n-th figure is being written). signal: KILL,
+TERM or INT.
 """
 import os
 import signal
@@ -68,6 +69,18 @@ elif point == "bn":
         return real_bn_update(batches(), model, distributed)
 
     utils.bn_update = dying_bn_update
+elif point == "plot":
+    import matplotlib.figure
+
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def interrupted_savefig(self, path, *args, **kwargs):
+        with open(path, "wb") as f:  # part of an image on disk, as when the signal comes
+            f.write(b"\x89PNG\r\n\x1a\n")
+        if not hit():
+            real_savefig(self, path, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = interrupted_savefig
 else:
     raise SystemExit(f"unknown point {point}")
 

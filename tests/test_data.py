@@ -5,7 +5,7 @@ import pytest
 from harness import errors
 
 from harness import data
-from helpers import write_cifar10, write_cifar100, write_mnist
+from helpers import one_line_error, run_main, write_cifar10, write_cifar100, write_mnist
 
 
 @pytest.mark.parametrize("extracted", [False, True])
@@ -70,6 +70,30 @@ def test_corrupt_files_are_named(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(errors.DataError, match="MNIST"):
         data.load_dataset("MNIST", str(tmp_path), download=False)
+
+
+def _mnist_error(tmp_path):
+    import train
+
+    return run_main(train.main, "--dataset", "MNIST", "--data_path", tmp_path / "data", "--model",
+                    "SimpleCNN", "--no_download", "--dir", tmp_path / "run")
+
+
+def test_mnist_test_images_of_another_size_are_refused_naming_both_files(tmp_path):
+    write_mnist(str(tmp_path / "data"), train=6, test=4, test_side=12)
+    one_line_error(_mnist_error(tmp_path), "t10k-images-idx3-ubyte.gz holds 12x12 images",
+                   "train-images-idx3-ubyte.gz 28x28")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mnist_gz_with_corrupt_compressed_data_is_one_line_naming_it(tmp_path):
+    write_mnist(str(tmp_path / "data"), train=6, test=4)
+    path = tmp_path / "data" / "t10k-labels-idx1-ubyte.gz"
+    # A valid gzip header (no flags), then a deflate block of the reserved type: zlib refuses
+    # the data itself (not a checksum or length at the end).
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 32)
+    one_line_error(_mnist_error(tmp_path), f"{path} is unreadable", "while decompressing data", "download it again")
+    assert not (tmp_path / "run").exists()
 
 
 def _loader(n=50, **kwargs):

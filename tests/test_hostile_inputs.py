@@ -140,6 +140,20 @@ def test_non_finite_weights_are_refused_where_they_are_loaded_naming_the_tensor(
         one_line_error(run_main(main, *argv), "fc.bias holds NaN or infinite values")
 
 
+def test_a_checkpoint_with_non_finite_optimizer_state_is_refused_on_resume(run, tmp_path):
+    run_dir = _copy(run, tmp_path / "run")
+    path = run_dir / "checkpoint-2.pdparams"
+    ckpt = checkpoints.load_checkpoint(str(path))
+    key = next(iter(ckpt.optimizer))
+    ckpt.optimizer[key] = paddle.full(ckpt.optimizer[key].shape, float("nan"))
+    paddle.save(ckpt.to_dict(), str(path))
+    before = snapshot_dir(run_dir)
+    one_line_error(run_main(train.main, *QUICK, "--epochs", 3, "--dir", run_dir, "--resume", "auto"),
+                   "checkpoint-2.pdparams", f"optimizer state {key} holds NaN or infinite values",
+                   "earlier checkpoint")
+    assert snapshot_dir(run_dir) == before
+
+
 def test_an_offline_average_is_not_resumed_as_training(run, tmp_path):
     run_dir = _copy(run, tmp_path / "run")
     out = tmp_path / "avg.pdparams"

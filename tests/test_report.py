@@ -1,4 +1,5 @@
 """What a user sees: progress bar, VisualDL logs, metrics.csv, plots, --help, the notebook."""
+import errno
 import glob
 import io
 import os
@@ -6,8 +7,9 @@ import shutil
 
 import pytest
 
+import train
 from harness import report
-from helpers import ROOT, run_script
+from helpers import ROOT, run_main, run_script
 
 
 class FakeTerminal(io.StringIO):
@@ -85,6 +87,57 @@ def test_train_and_plot_script_draw_pngs(run_dir, tmp_path):
     assert two[0] > 1.7 * one[0]  # side by side
     missing = run_script(os.path.join("scripts", "plot.py"), tmp_path / "nothing")
     assert missing.returncode == 2 and "has no metrics.csv" in missing.stderr
+
+
+RUN_DIR_FLAGS = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", 5, "--swa", "--swa_start", 3,
+                 "--eval_freq", 1]  # run_dir's
+
+
+def test_a_finished_run_whose_plot_is_missing_draws_it_on_resume(run_dir, tmp_path):
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    os.unlink(copy / "convergence.png")
+    result = run_main(train.main, *RUN_DIR_FLAGS, "--dir", copy, "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is finished" in result.stdout and f"plot: {copy}/convergence.png (it was missing: drawn again)" in result.stdout
+    assert _png_size(copy / "convergence.png") == _png_size(run_dir / "convergence.png")
+    again = run_main(train.main, *RUN_DIR_FLAGS, "--dir", copy, "--resume", "auto")
+    assert again.returncode == 0 and "plot:" not in again.stdout  # there: left alone
+
+
+def _leftovers(directory):
+    return [n for n in os.listdir(directory) if n.startswith("convergence.png")]
+
+
+def test_a_full_disk_while_plotting_leaves_no_partial_image_and_names_it(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def full_disk(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG")  # what fitted before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    run_dir = tmp_path / "run"
+    result = run_main(train.main, "--dataset", "digits", "--model", "SimpleCNN", "--epochs", 1,
+                      "--no_visualdl", "--dir", run_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert f"no space left on the device writing {run_dir}/convergence.png" in lines[0]
+    assert _leftovers(run_dir) == []
+
+
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_while_the_plot_is_written_leaves_no_image_and_resume_draws_it(tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    flags = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", 2, "--no_visualdl"]
+    stopped = run_script(os.path.join("tests", "interrupt.py"), "plot", 1, sig, *flags, "--dir", run_dir)
+    assert stopped.returncode == code and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert f"stopped by SIG{sig} while drawing {run_dir}/convergence.png" in message
+    assert "--resume auto" in message and _leftovers(run_dir) == []
+    resumed = run_main(train.main, *flags, "--dir", run_dir, "--resume", "auto")
+    assert resumed.returncode == 0 and "drawn again" in resumed.stdout, resumed.stderr[-2000:]
+    assert _png_size(run_dir / "convergence.png")[0] > 100
 
 
 def test_help_is_grouped_with_defaults_and_an_example():

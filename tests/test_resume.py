@@ -102,6 +102,38 @@ def test_nan_loss_stops_at_once_and_keeps_checkpoints(tmp_path):
     assert sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams")) == ["checkpoint-0.pdparams"]
 
 
+def test_weights_gone_nan_under_a_finite_loss_stop_the_run_keeping_only_finite_checkpoints(tmp_path):
+    # At this rate BatchNorm's running variance overflows in epoch 1 while the loss, computed
+    # with the batches' own statistics, stays finite (about 57).
+    run_dir = tmp_path / "run"
+    result = run_main(train.main, "--dataset", "digits", "--model", "SimpleCNN", "--epochs", "3",
+                      "--lr_init", "200", "--swa", "--swa_start", "2", "--swa_lr", "200",
+                      "--no_visualdl", "--dir", run_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr
+    assert "weights became NaN or infinite at epoch 1" in lines[0]
+    assert "_variance" in lines[0] and "checkpoints in --dir are those saved before" in lines[0]
+    saved = sorted(n for n in os.listdir(run_dir) if n.endswith(".pdparams"))
+    assert saved == ["checkpoint-0.pdparams"]
+    assert all(np.isfinite(v).all() for v in checkpoint_tensors(run_dir / saved[0]).values())
+
+
+def test_first_non_finite_names_the_models_bad_parameter_or_statistic():
+    import paddle
+
+    import models
+    from harness import training
+
+    sgd, average = models.build("SimpleCNN", 10, 1), models.build("SimpleCNN", 10, 1)
+    named = {"the SGD model's": sgd, "the average's": average}
+    assert training.first_non_finite(named) is None
+    variance = next(k for k in average.state_dict() if k.endswith("_variance"))
+    average.state_dict()[variance].set_value(paddle.full(average.state_dict()[variance].shape, float("inf")))
+    assert training.first_non_finite(named) == f"the average's {variance}"
+    sgd.state_dict()["fc.weight"].set_value(paddle.full(sgd.state_dict()["fc.weight"].shape, float("nan")))
+    assert training.first_non_finite(named) == "the SGD model's fc.weight"
+
+
 def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):
     result = run_main(train.main, *RUN, "--dir", tmp_path / "fresh", "--resume", "auto")
     assert result.returncode == 0 and "resuming" not in result.stdout

@@ -59,8 +59,8 @@ def test_resuming_with_other_defining_flags_is_refused_naming_each(runs, tmp_pat
     os.unlink(run_dir / "checkpoint-3.pdparams")  # an unfinished run
     before = snapshot_dir(run_dir)
     flags = change(RUN + ["--epochs", "3"])
-    if "--swa" not in flags:
-        flags = [f for f in flags if f not in ("--swa_start", "2")] + ["--swa_start", "2"]
+    if "--swa" not in flags:  # --swa_start alone would be refused as doing nothing
+        flags = [f for f in flags if f not in ("--swa_start", "2")]
     one_line_error(run_main(train.main, *flags, "--dir", run_dir, "--resume", "auto"), named)
     assert snapshot_dir(run_dir) == before
 
@@ -139,6 +139,46 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.mark.parametrize("flags, needs, fix", [
+    (["--swa_start", "5"], "--swa_start 5 needs --swa or --fge", "add --swa (or --fge), or drop --swa_start"),
+    (["--swa_lr", "0.01"], "--swa_lr 0.01 needs --swa or --fge", "add --swa (or --fge), or drop --swa_lr"),
+    (["--amp_dtype", "float16"], "--amp_dtype float16 needs --amp", "add --amp O1 (or O2), or drop --amp_dtype"),
+    (["--amp_dtype", "bfloat16"], "--amp_dtype bfloat16 needs --amp", "drop --amp_dtype"),
+])
+def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp_path, flags, needs, fix):
+    base = ["--dataset", "digits", "--model", "SimpleCNN", "--dir", str(tmp_path / "run")]
+    one_line_error(run_main(train.main, *base, *flags), needs, fix)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dependent_flags_are_taken_with_their_flag_and_default_to_the_documented_values():
+    args = train.parse_args(["--dataset", "digits"])
+    assert (args.swa_start, args.swa_lr, args.amp_dtype) == (161, 0.05, "float16")
+    fge = train.parse_args(["--fge", "--swa_start", "4", "--swa_lr", "0.01", "--epochs", "10"])
+    assert (fge.swa_start, fge.swa_lr) == (4, 0.01)
+    help_text = train.build_parser().format_help()
+    assert "(default: 161)" in help_text and "(default: 0.05)" in help_text
+
+
+def test_an_older_run_that_recorded_values_for_flags_doing_nothing_resumes(tmp_path):
+    # Before these flags were refused alone, a run without --swa or --amp could record any
+    # value for them; a resume cannot repeat them now, and need not: they defined nothing.
+    run_dir = tmp_path / "run"
+    flags = ["--dataset", "digits", "--model", "SimpleCNN", "--save_freq", "1", "--no_visualdl"]
+    assert run_main(train.main, *flags, "--epochs", "1", "--dir", run_dir).returncode == 0
+    path = run_dir / "checkpoint-1.pdparams"
+    ckpt = checkpoints.load_checkpoint(str(path))
+    ckpt.args.update(swa_start=50, swa_lr=0.3, amp_dtype="bfloat16")
+    import paddle
+    paddle.save(ckpt.to_dict(), str(path))
+    resumed = run_main(train.main, *flags, "--epochs", "2", "--dir", run_dir, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "checkpoint-2.pdparams").exists()
+    changed = run_main(train.main, *flags, "--epochs", "3", "--lr_init", "0.2", "--dir", run_dir,
+                       "--resume", "auto")
+    one_line_error(changed, "--lr_init (run: 0.1, now: 0.2)")  # what defines it is still compared
+
+
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
 def test_bad_flags_are_refused_before_the_dir_is_made(tmp_path, flags, message):
     base = ["--dataset", "digits", "--model", "SimpleCNN", "--dir", str(tmp_path / "run")]
@@ -206,6 +246,22 @@ def test_eval_and_offline_averaging_refuse_bad_sizes_and_outputs(runs, tmp_path)
     one_line_error(run_main(compare, "--jobs", "0"), "--jobs: must be > 0")
     (tmp_path / "file").write_text("")
     one_line_error(run_main(compare, "--out_dir", tmp_path / "file"), "is a file")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--epochs", 5, "--swa_start", 9], ["refuse the swa run with seed 1", "--swa_start 9 is beyond --epochs 5"]),
+    (["--dataset", "ImageNet"], ["refuse the sgd run", "unknown dataset 'ImageNet'"]),
+    (["--methods", "sgd", "fge", "--epochs", 5, "--swa_start", 4, "--fge_cycle", 4],
+     ["refuse the fge run", "first snapshot is after epoch 6, beyond --epochs 5"]),
+    (["--", "--lr_init", "0"], ["refuse the sgd run", "--lr_init: must be > 0"]),
+])
+def test_compare_refuses_a_run_train_would_refuse_before_training_or_creating_anything(
+        tmp_path, monkeypatch, flags, fragments):
+    compare = script("compare")
+    monkeypatch.setattr(compare, "run_all", lambda *a: pytest.fail("trained before checking every run"))
+    one_line_error(run_main(compare.main, "--seeds", 1, 2, *flags, "--out_dir", tmp_path / "cmp"),
+                   *fragments)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_mid_epoch_checkpoint_is_called_so_and_step_files_go_once_superseded(tmp_path):
