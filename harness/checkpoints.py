@@ -19,7 +19,6 @@ import dataclasses
 import glob
 import math
 import os
-import pickle
 import random
 import re
 from dataclasses import dataclass

@@ -131,12 +131,12 @@ def eval_commands(args, method, seed, device):
 def check_runs(args, extra):
     """Refuse, before anything is trained or created, a run that train.py would refuse: each
     run's command goes through train.py's own parsing and checks of its flags."""
-    import train  # Paddle with it: only once compare.py's own flags have passed
+    from harness import config  # Paddle with it: only once compare.py's own flags have passed
 
     for method in args.methods:
         for seed in args.seeds:
             argv = train_command(args, method, seed, extra, "cpu")[2:]  # past python train.py
-            problem = _refusal(train.parse_args, argv)
+            problem = _refusal(config.parse_args, argv)
             if problem:
                 raise errors.UsageError(f"train.py would refuse the {method} run with seed {seed}: "
                                         f"{problem}")

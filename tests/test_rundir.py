@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from harness import checkpoints
+from harness import checkpoints, config
 import eval as evaluation
 import train
 from helpers import (ROOT, one_line_error, run_main, run_script, script, snapshot_dir, start,
@@ -152,11 +152,11 @@ def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp
 
 
 def test_dependent_flags_are_taken_with_their_flag_and_default_to_the_documented_values():
-    args = train.parse_args(["--dataset", "digits"])
+    args = config.parse_args(["--dataset", "digits"])
     assert (args.swa_start, args.swa_lr, args.amp_dtype) == (161, 0.05, "float16")
-    fge = train.parse_args(["--fge", "--swa_start", "4", "--swa_lr", "0.01", "--epochs", "10"])
+    fge = config.parse_args(["--fge", "--swa_start", "4", "--swa_lr", "0.01", "--epochs", "10"])
     assert (fge.swa_start, fge.swa_lr) == (4, 0.01)
-    help_text = train.build_parser().format_help()
+    help_text = config.build_parser().format_help()
     assert "(default: 161)" in help_text and "(default: 0.05)" in help_text
 
 
