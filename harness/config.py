@@ -32,7 +32,19 @@ LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20
 # Flags that do something only beside another, and their defaults: the parser's default is
 # None, so that one given without the other is refused (it would do nothing), and these are
 # filled in after parsing.
-DEPENDENT = {"swa_start": 161, "swa_lr": 0.05, "amp_dtype": "float16"}
+DEPENDENT = {"swa_start": 161, "swa_lr": 0.05, "swa_c_epochs": 1, "swag_rank": 20, "fge_cycle": 4,
+             "fge_lr1": 0.05, "fge_lr2": 0.0005, "amp_dtype": "float16"}
+# What each works with: (in words, the fix, whether this run has it).
+NEEDS = {
+    "swa_start": ("--swa or --fge", "--swa (or --fge)", lambda a: a.swa or a.fge),
+    "swa_lr": ("--swa or --fge", "--swa (or --fge)", lambda a: a.swa or a.fge),
+    "swa_c_epochs": ("--swa", "--swa", lambda a: a.swa),
+    "swag_rank": ("--swag", "--swa --swag", lambda a: a.swag),
+    "fge_cycle": ("--fge", "--fge", lambda a: a.fge),
+    "fge_lr1": ("--fge", "--fge", lambda a: a.fge),
+    "fge_lr2": ("--fge", "--fge", lambda a: a.fge),
+    "amp_dtype": ("--amp", "--amp O1 (or O2)", lambda a: a.amp),
+}
 
 
 # --------------------------------------------------------------------------- the parser
@@ -103,8 +115,9 @@ def build_parser():
                      help=f"SWA start epoch number (default: {DEPENDENT['swa_start']})")
     swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, metavar="LR",
                      help=f"SWA LR (default: {DEPENDENT['swa_lr']})")
-    swa.add_argument("--swa_c_epochs", type=cli.POSITIVE_INT, default=1, metavar="N",
-                     help="SWA model collection frequency/cycle length in epochs (default: 1)")
+    swa.add_argument("--swa_c_epochs", type=cli.POSITIVE_INT, metavar="N",
+                     help="SWA model collection frequency/cycle length in epochs "
+                          f"(default: {DEPENDENT['swa_c_epochs']})")
     swa.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="linear",
                      help="linear: the original (constant, linear ramp to --swa_lr, constant); "
                           "cyclic: per-iteration cycles from --lr_init down to --swa_lr ending at "
@@ -122,8 +135,9 @@ def build_parser():
                      help="also fit SWA-Gaussian at the averaging epochs, for eval.py "
                           "--swag_samples (needs --swa); holds --swag_rank + 2 copies of the "
                           "weights (default: off)")
-    swa.add_argument("--swag_rank", type=cli.number(int, 2), default=20, metavar="K",
-                     help="deviations SWAG keeps for its low-rank covariance (default: 20)")
+    swa.add_argument("--swag_rank", type=cli.number(int, 2), metavar="K",
+                     help="deviations SWAG keeps for its low-rank covariance "
+                          f"(default: {DEPENDENT['swag_rank']})")
     fge = p.add_argument_group("FGE (Garipov et al., NeurIPS 2018)")
     fge.add_argument("--fge", action="store_true",
                      help="Fast Geometric Ensembling: from --swa_start on, cycles of --fge_cycle "
@@ -131,13 +145,14 @@ def build_parser():
                           "at each cycle's midpoint and back), a snapshot DIR/fge-<epoch>.pdparams at "
                           "each midpoint, for eval.py --ensemble; with --swa the same snapshots are "
                           "averaged (default: off)")
-    fge.add_argument("--fge_cycle", type=cli.number(int, 2), default=4, metavar="C",
+    fge.add_argument("--fge_cycle", type=cli.number(int, 2), metavar="C",
                      help="cycle length in epochs, 2 or 4 in the paper; an odd one snapshots at the "
-                          "end of the epoch holding the midpoint (default: 4)")
-    fge.add_argument("--fge_lr1", type=cli.POSITIVE_FLOAT, default=0.05, metavar="LR",
-                     help="the rate at each cycle's start and end (default: 0.05)")
-    fge.add_argument("--fge_lr2", type=cli.POSITIVE_FLOAT, default=0.0005, metavar="LR",
-                     help="the rate at each cycle's midpoint, where the snapshot is taken (default: 0.0005)")
+                          f"end of the epoch holding the midpoint (default: {DEPENDENT['fge_cycle']})")
+    fge.add_argument("--fge_lr1", type=cli.POSITIVE_FLOAT, metavar="LR",
+                     help=f"the rate at each cycle's start and end (default: {DEPENDENT['fge_lr1']})")
+    fge.add_argument("--fge_lr2", type=cli.POSITIVE_FLOAT, metavar="LR",
+                     help="the rate at each cycle's midpoint, where the snapshot is taken "
+                          f"(default: {DEPENDENT['fge_lr2']})")
     swa.add_argument("--init", metavar="WEIGHTS", type=cli.path_argument,
                      help="start from these weights: a .pdparams state dict or a checkpoint of "
                           "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
@@ -185,13 +200,11 @@ def parse_args(argv=None):
 def check_dependent(args):
     """Refuse a flag of DEPENDENT given without the flag it works with, as --ema_decay without
     --swa is; fill in the defaults of those not given."""
-    averaging = "--swa or --fge", "--swa (or --fge)", args.swa or args.fge
-    for flag, (needs, fix, active) in (("swa_start", averaging), ("swa_lr", averaging),
-                                       ("amp_dtype", ("--amp", "--amp O1 (or O2)", args.amp))):
+    for flag, (needs, fix, active) in NEEDS.items():
         value = getattr(args, flag)
         if value is None:
             setattr(args, flag, DEPENDENT[flag])
-        elif not active:
+        elif not active(args):
             raise errors.UsageError(f"--{flag} {value} needs {needs} (without, it does nothing): "
                                     f"add {fix}, or drop --{flag}")
 
@@ -199,8 +212,7 @@ def check_dependent(args):
 def identity_of(args):
     """The IDENTITY flags that define this run: not those that do nothing in it (a run of an
     older version may have recorded any value there, which a resume could not repeat now)."""
-    idle = ({"swa_start", "swa_lr"} if not (args.swa or args.fge) else set()) | \
-        ({"amp_dtype"} if not args.amp else set())
+    idle = {flag for flag, (_, _, active) in NEEDS.items() if not active(args)}
     return tuple(name for name in IDENTITY if name not in idle)
 
 

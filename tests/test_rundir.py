@@ -144,6 +144,11 @@ BAD_FLAGS = [
     (["--swa_lr", "0.01"], "--swa_lr 0.01 needs --swa or --fge", "add --swa (or --fge), or drop --swa_lr"),
     (["--amp_dtype", "float16"], "--amp_dtype float16 needs --amp", "add --amp O1 (or O2), or drop --amp_dtype"),
     (["--amp_dtype", "bfloat16"], "--amp_dtype bfloat16 needs --amp", "drop --amp_dtype"),
+    (["--swa_c_epochs", "2"], "--swa_c_epochs 2 needs --swa", "add --swa, or drop --swa_c_epochs"),
+    (["--swa", "--swag_rank", "5"], "--swag_rank 5 needs --swag", "add --swa --swag, or drop"),
+    (["--fge_cycle", "2"], "--fge_cycle 2 needs --fge", "add --fge, or drop --fge_cycle"),
+    (["--swa", "--fge_lr1", "0.1"], "--fge_lr1 0.1 needs --fge", "drop --fge_lr1"),
+    (["--fge_lr2", "0.001"], "--fge_lr2 0.001 needs --fge", "drop --fge_lr2"),
 ])
 def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp_path, flags, needs, fix):
     base = ["--dataset", "digits", "--model", "SimpleCNN", "--dir", str(tmp_path / "run")]
@@ -154,6 +159,8 @@ def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp
 def test_dependent_flags_are_taken_with_their_flag_and_default_to_the_documented_values():
     args = config.parse_args(["--dataset", "digits"])
     assert (args.swa_start, args.swa_lr, args.amp_dtype) == (161, 0.05, "float16")
+    assert (args.swa_c_epochs, args.swag_rank, args.fge_cycle, args.fge_lr1, args.fge_lr2) == \
+        (1, 20, 4, 0.05, 0.0005)
     fge = config.parse_args(["--fge", "--swa_start", "4", "--swa_lr", "0.01", "--epochs", "10"])
     assert (fge.swa_start, fge.swa_lr) == (4, 0.01)
     help_text = config.build_parser().format_help()
