@@ -110,9 +110,12 @@ class SWACallback(paddle.callbacks.Callback):
         def load_with_swa(path, skip_mismatch=False, reset_optimizer=False):
             # Paddle's Model.load unpickles these files with pickle.load, which can run code:
             # each is first read with our data-only reader, which refuses anything else.
-            base = os.path.splitext(path)[0] if path.endswith((".pdparams", ".pdopt")) else path
+            # The files as Paddle names them (it strips these suffixes), each checked if it
+            # exists at all: read_file refuses a folder or a pipe that Paddle would open.
+            root, suffix = os.path.splitext(path)
+            base = root if suffix in (".pdparams", ".pdopt", ".pdmodel") else path
             for suffix in (".pdparams",) + (() if reset_optimizer else (".pdopt",)) + (".pdscaler",):
-                if os.path.isfile(base + suffix):
+                if os.path.lexists(base + suffix):
                     checkpoints.read_file(base + suffix, "saved model")
             result = load(path, skip_mismatch, reset_optimizer)
             state_path = path + ".swa"

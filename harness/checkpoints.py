@@ -45,7 +45,7 @@ class _Bad(Exception):
 def _whole(minimum=0):
     def check(value):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-                or value < minimum:
+                or not minimum <= value < 2**53:
             raise _Bad(f"a whole number >= {minimum}")
         return int(value)
     return check
@@ -91,7 +91,8 @@ def _decay(value):
 
 
 def _finite(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)) \
             or not math.isfinite(value):
         raise _Bad("a finite number")
     return float(value)
@@ -128,8 +129,14 @@ _ARGS = {"batch_size": _whole(1), "seed": _whole(0), "val_size": _whole(0), "epo
          "data_path": _instance(str, what="a folder"), "no_download": _flag}
 
 
+def _plain(value):
+    return value is None or type(value) in (bool, int, float, str)
+
+
 def _args(value):
-    if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+    # plain values only: a resume compares them with the command's
+    if not (isinstance(value, dict) and all(isinstance(k, str) and (_plain(v) or (
+            isinstance(v, list) and all(map(_plain, v)))) for k, v in value.items())):
         raise _Bad("train.py's flags, by name")
     for name, check in _ARGS.items():
         if value.get(name) is not None:
@@ -142,9 +149,15 @@ def _args(value):
 
 def _rng(value):
     # Tried on throwaway generators: a state Python or numpy would refuse is refused here,
-    # in one line, before any generator of the run changes.
+    # in one line, before any generator of the run changes. numpy does not check the
+    # position in its key (a wrong one crashes the process at the next draw): checked here.
     try:
         random.Random().setstate(value["python"])
+        kind, key, position, has_gauss, _ = value["numpy"]
+        if not (kind == "MT19937" and isinstance(key, np.ndarray) and key.dtype == np.uint32
+                and key.shape == (624,) and type(position) is int and 0 <= position <= 624
+                and has_gauss in (0, 1)):
+            raise ValueError("not a plain MT19937 state")
         np.random.RandomState().set_state(value["numpy"])
     except Exception:
         raise _Bad("{'python': random.getstate(), 'numpy': np.random.get_state()}") from None
@@ -259,8 +272,9 @@ class Checkpoint:
             raise errors.CheckpointError(f"{path} is not a training checkpoint (no "
                                          f"{' or '.join(missing)} entry); a plain weights file "
                                          "is not a checkpoint")
-        if data.get("format", FORMAT) != FORMAT:
-            raise errors.CheckpointError(f"{path} is of format {str(data['format'])[:40]!r}, this "
+        written = data.get("format", FORMAT)
+        if not isinstance(written, str) or written != FORMAT:
+            raise errors.CheckpointError(f"{path} is of format {str(written)[:40]!r}, this "
                                          f"code reads {FORMAT!r}: use the version of swa-paddle "
                                          "that wrote it")
         values = {}
@@ -357,7 +371,12 @@ def read_file(path, what="checkpoint"):
     except Exception as e:  # truncated or foreign bytes raise many types
         raise errors.CheckpointError(f"{what} {path} is unreadable, truncated or not a Paddle "
                                      f"file ({type(e).__name__})") from None
-    return _as_paddle_loads(data)
+    try:
+        return _as_paddle_loads(data)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # what Paddle's tensors refuse
+        raise errors.CheckpointError(f"{what} {path} holds an array Paddle cannot make a tensor "
+                                     f"of ({type(e).__name__}); the file is not a Paddle "
+                                     "checkpoint") from None
 
 
 def _as_paddle_loads(data):
@@ -448,7 +467,7 @@ def check_finite(state_dict, source="state dict"):
     or infinity (weights a diverged run left: a model built from them predicts nonsense)."""
     for key, value in (state_dict or {}).items():
         array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
             raise errors.CheckpointError(f"{source}: {key} holds NaN or infinite values; these "
                                          "weights cannot be used (the run that wrote them "
                                          "diverged?); use an earlier checkpoint")

@@ -26,20 +26,28 @@ names a data file uses to stand-ins of its own that check every argument:
     paddle GeneratorState     None (a generator state older versions saved; never used)
 
 Anything else, and any BUILD but an array's or a dtype's, is refused before it is built.
-Reading is bounded by the file: the references and bytes built may not exceed a budget
-proportional to its size (shared references are counted where they are used, so a small
-file cannot expand), nesting is limited to MAX_DEPTH, and each object is visited once.
+Dict keys and set items are strings, bytes, bools, None or whole numbers below 2**61 - 1 (their
+hashes cost constant time and cannot be made to collide).
+
+Reading is bounded by the file: the memory of the Python objects built may not exceed
+MEMORY_PER_BYTE bytes per byte of the file (checkpoints and CIFAR batches take 1.2-1.5), the
+bytes of arrays twice the file's, and the values counted at each use of a shared one its
+size (so a small file cannot expand); nesting is limited to MAX_DEPTH, and each object is
+visited once.
 """
 import io
 import math
 import pickletools
+import sys
 import warnings
 
 import numpy as np
 
 MAX_DEPTH = 32          # deeper nesting is refused (a checkpoint nests about 6 levels)
-MAX_DIMENSIONS = 32     # numpy allows 64; no tensor we read has more than 5
-REFERENCE_ALLOWANCE = 4096   # references (and twice as many bytes) allowed beyond the file's size
+MAX_DIMENSIONS = 9      # Paddle's tensors have at most 9; no tensor we read has more than 5
+REFERENCE_ALLOWANCE = 4096   # values (and bytes) allowed beyond the file's size
+MEMORY_PER_BYTE = 16    # Python objects' memory per byte of the file (checkpoints: 1.2-1.5)
+REFERENCE, ENTRY = 8, 48     # the memory of a reference, and of a dict, set or memo entry
 # The plain numeric types a data file may hold, by numpy's type code.
 DTYPES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16")
 
@@ -161,7 +169,8 @@ def _array(raw, dtype, shape, order, spend):
 
 
 def _reconstruct(subtype, shape, typecode, spend):
-    if not (subtype == ("numpy", "ndarray") and type(shape) is tuple and len(shape) == 1
+    ndarray = isinstance(subtype, _Name) and subtype.name == ("numpy", "ndarray")
+    if not (ndarray and type(shape) is tuple and len(shape) == 1
             and type(shape[0]) is int and shape[0] == 0 and _text(typecode) == "b"):
         raise Refused("numpy's _reconstruct called other than for a plain ndarray")
     return _Array(spend)
@@ -193,20 +202,29 @@ def _encode(text, codec, spend):
 
 
 def _hashable(key):
-    """`key` if it is a plain value, or a tuple or frozenset of them (their nesting is limited
-    when they are built): what a data file uses as a dict key or a set item."""
-    if isinstance(key, (tuple, frozenset)):
-        for item in key:
-            _hashable(item)
-    elif key is not None and type(key) not in (str, bytes, int, float, complex, bool):
-        raise Refused(f"a {type(key).__name__} used as a dict key or set item")
+    """`key` if it is what a data file uses as a dict key or a set item: a string, bytes, a
+    bool, None or a whole number below 2**61 - 1. Their hashes take constant time and do not
+    collide by design (strings' are randomised; larger numbers repeat every 2**61 - 1)."""
+    plain = key is None or type(key) in (str, bytes, bool) or (
+        type(key) is int and abs(key) < 2**61 - 1)
+    if not plain:
+        raise Refused(f"a {type(key).__name__} used as a dict key or set item (a data file's "
+                      "are names and small whole numbers)")
     return key
+
+
+def _shown(module, name):
+    """A global's name for a message: as it is if it is a dotted name, else quoted, cut short."""
+    text = f"{module}.{name}"
+    if all(part.isidentifier() for part in text.split(".")) and len(text) <= 80:
+        return text
+    return repr(text[:80])
 
 
 def _items(value, spend):
     if not isinstance(value, (list, tuple)):
         raise Refused("a container built from something other than a list or a tuple")
-    spend(len(value), 0)
+    spend(REFERENCE * len(value))
     return value
 
 
@@ -242,15 +260,14 @@ def _generator_state(*args, spend):
 
 
 class _Ignored:
-    """An object read as None; its BUILD may hold only numbers and lists of them."""
-    __slots__ = ()
+    """An object read as None: its one BUILD's state is dropped unread."""
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = None
 
     def build(self, state):
-        flat = state if isinstance(state, (list, tuple)) else [state]
-        for item in flat:
-            if not (type(item) in (int, float, bool) or isinstance(item, (list, tuple)) and all(
-                    type(v) in (int, float, bool) for v in item)):
-                raise Refused("a Paddle generator state holding other than numbers")
+        self.value = True
 
 
 def _names():
@@ -294,21 +311,24 @@ class _Machine:
         if encoding not in ("latin1", "bytes"):
             raise ValueError(f"encoding must be 'latin1' or 'bytes', not {encoding!r}")
         self.encoding = encoding
-        # Each reference a file holds costs it at least one byte; the bytes built (arrays,
-        # bytes from text) copy the file's own, at most twice (text -> bytes -> array).
-        self.budget = size + REFERENCE_ALLOWANCE
-        self.references = self.bytes = 0
+        # Two budgets proportional to the file: the memory of the Python objects built
+        # (counted as CPython lays them out, every reference and memo entry included: a
+        # checkpoint's containers take a few times their bytes in the file, a small file of
+        # empty sets hundreds of times), and the bytes of arrays and bytes objects built,
+        # which copy the file's own at most twice (text -> bytes -> array).
+        self.size = size
+        self.budget = size + REFERENCE_ALLOWANCE  # values, counting shared ones at each use
+        self.memory = self.bytes = 0
         self.names = _names()
         self.stack, self.marks, self.memo = [], [], {}
-        self.depth = {}  # id -> nesting depth of the tuples and frozensets built (kept alive)
 
-    def spend(self, references, nbytes):
-        """Count what is built against the file's budget."""
-        self.references += references
+    def spend(self, memory, nbytes=0):
+        """Count what is built against the file's budgets."""
+        self.memory += memory
         self.bytes += nbytes
-        if self.references > self.budget or self.bytes > 2 * self.budget:
-            raise Refused(f"more than its {self.budget - REFERENCE_ALLOWANCE} bytes allow: a "
-                          "small file that expands when read")
+        if self.memory > MEMORY_PER_BYTE * self.budget or self.bytes > 2 * self.budget:
+            raise Refused(f"more than its {self.size} bytes allow: a small file that expands "
+                          "when read")
 
     def run(self, raw):
         with warnings.catch_warnings():  # genops warns of bad escapes in mangled protocol-0 text
@@ -329,8 +349,9 @@ class _Machine:
 
     # stack and memo ------------------------------------------------------------------
 
-    def push(self, value):
-        self.spend(1, 0)
+    def push(self, value, new=True):
+        """Put `value` on the stack; `new`: it was made for this (its memory is counted)."""
+        self.spend(REFERENCE + (sys.getsizeof(value) if new else 0))
         self.stack.append(value)
 
     def pop(self):
@@ -345,6 +366,7 @@ class _Machine:
         return items
 
     def op_MARK(self, _):
+        self.spend(sys.getsizeof([]))
         self.marks.append(self.stack)
         self.stack = []
 
@@ -355,7 +377,7 @@ class _Machine:
         self.pop_mark()
 
     def op_DUP(self, _):
-        self.push(self.top())
+        self.push(self.top(), new=False)
 
     def top(self):
         if not self.stack:
@@ -363,17 +385,19 @@ class _Machine:
         return self.stack[-1]
 
     def op_PUT(self, index):
+        self.spend(ENTRY)
         self.memo[index] = self.top()
 
     op_BINPUT = op_LONG_BINPUT = op_PUT
 
     def op_MEMOIZE(self, _):
+        self.spend(ENTRY)
         self.memo[len(self.memo)] = self.top()
 
     def op_GET(self, index):
         if index not in self.memo:
             raise ValueError(f"a pickle that reads memo entry {index} before writing it")
-        self.push(self.memo[index])
+        self.push(self.memo[index], new=False)
 
     op_BINGET = op_LONG_BINGET = op_GET
 
@@ -415,16 +439,7 @@ class _Machine:
     # containers ----------------------------------------------------------------------
 
     def push_tuple(self, items):
-        self.push(self.nested(tuple(items)))
-
-    def nested(self, value):
-        """`value` (a tuple or frozenset, hashable) if not nested deeper than MAX_DEPTH: hashing
-        a deeper one would recurse in C without a limit."""
-        depth = 1 + max((self.depth.get(id(v), (0,))[0] for v in value), default=0)
-        if depth > MAX_DEPTH:
-            raise Refused(f"values nested deeper than {MAX_DEPTH} levels")
-        self.depth[id(value)] = (depth, value)
-        return value
+        self.push(tuple(items))
 
     def op_EMPTY_TUPLE(self, _):
         self.push_tuple(())
@@ -451,10 +466,12 @@ class _Machine:
 
     def op_APPEND(self, _):
         value = self.pop()
+        self.spend(REFERENCE)
         self.container(list).append(value)
 
     def op_APPENDS(self, _):
         items = self.pop_mark()
+        self.spend(REFERENCE * len(items))
         self.container(list).extend(items)
 
     def op_EMPTY_DICT(self, _):
@@ -477,10 +494,13 @@ class _Machine:
 
     def op_ADDITEMS(self, _):
         items = self.pop_mark()
+        self.spend(ENTRY * len(items))
         self.container(set).update(map(_hashable, items))
 
     def op_FROZENSET(self, _):
-        self.push(self.nested(frozenset(map(_hashable, self.pop_mark()))))
+        items = self.pop_mark()
+        self.spend(ENTRY * len(items))
+        self.push(frozenset(map(_hashable, items)))
 
     def container(self, kind):
         target = self.top()
@@ -491,6 +511,7 @@ class _Machine:
     def fill(self, target, items):
         if len(items) % 2:
             raise ValueError("a pickle with a dict key without a value")
+        self.spend(ENTRY * len(items) // 2)
         for i in range(0, len(items), 2):
             target[_hashable(items[i])] = items[i + 1]
         return target
@@ -509,7 +530,7 @@ class _Machine:
     def push_name(self, module, name):
         key = (module, name)
         if key not in self.names:
-            raise Refused(f"{module}.{name}")
+            raise Refused(_shown(module, name))
         self.push(_Name(key, self.names[key]))
 
     def op_REDUCE(self, _):
@@ -518,13 +539,12 @@ class _Machine:
             raise Refused("a call of something other than a data constructor")
         if not isinstance(args, tuple):
             raise ValueError("a pickle calling with arguments that are not a tuple")
-        args = [a.name if isinstance(a, _Name) else a for a in args]
         try:
             value = function.call(*args, spend=self.spend)
         except TypeError:  # a stand-in called with the wrong number of arguments
             raise Refused(f"{'.'.join(function.name)} called with arguments no data file "
                           "uses") from None
-        self.push(self.nested(value) if isinstance(value, (tuple, frozenset)) else value)
+        self.push(value)
 
     def op_NEWOBJ(self, _):
         args, cls = self.pop(), self.pop()
@@ -536,8 +556,7 @@ class _Machine:
     def op_BUILD(self, _):
         state = self.pop()
         target = self.top()
-        if not isinstance(target, (_Dtype, _Array, _Ignored)) or getattr(target, "value", None) \
-                is not None:
+        if not isinstance(target, (_Dtype, _Array, _Ignored)) or target.value is not None:
             raise Refused(f"state given to a {type(target).__name__} (only a numpy array or "
                           "dtype takes one, once)")
         target.build(state)
@@ -575,10 +594,12 @@ class _Finisher:
     def convert(self, value, depth):
         if value is None or type(value) in (bool, int, float, complex, str, bytes, bytearray):
             return value, 1
-        if isinstance(value, (_Dtype, _Array, _Built)):
+        if isinstance(value, (_Array, _Built)):
             if value.value is None:
-                raise Refused("a numpy array or dtype without its state")
+                raise Refused("a numpy array without its state")
             return value.value, 1
+        if isinstance(value, _Dtype):
+            raise Refused("a numpy dtype on its own (a data file holds them only in arrays)")
         if isinstance(value, _Ignored):
             return None, 1
         if type(value) in (list, tuple, set, frozenset):

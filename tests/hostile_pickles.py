@@ -77,9 +77,20 @@ VALUES = {
                                                                     "shape": (4,), "typestr": "<f4"}}),
     "shared-reference expansion": _shared(10),
 }
+def _tuple_graph_key(levels):
+    # t0 = None; t(i+1) = (ti, ti): hashing it as a dict key walks 2**levels paths
+    raw = b"\x80\x02Nq\x00"
+    for i in range(levels):
+        raw += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])
+    return raw + b"0}h" + bytes([levels]) + b"Ns."
+
+
 RAW = {
-    "deep lists": _nested_lists(100_000),
-    "deep tuples": _nested_tuples(100_000),
+    "deep lists": _nested_lists(1000),
+    "deep tuples": _nested_tuples(1000),
+    "tuple graph as a dict key": _tuple_graph_key(30),
+    "colliding whole-number keys": pickle.dumps({k * (2**61 - 1): 0 for k in range(1, 3000)}),
+    "a flood of empty sets": b"\x80\x04](" + b"\x8f" * 200_000 + b"e.",
 }
 # Expected words of each refusal
 REASONS = {
@@ -96,6 +107,9 @@ REASONS = {
     "shared-reference expansion": "expand",
     "deep lists": "nested deeper than",
     "deep tuples": "nested deeper than",
+    "tuple graph as a dict key": "a tuple used as a dict key",
+    "colliding whole-number keys": "a int used as a dict key",
+    "a flood of empty sets": "a small file that expands",
 }
 KINDS = sorted(VALUES) + sorted(RAW)
 # Refused once the whole file is read (a file is checked as a whole there), so they carry no

@@ -56,22 +56,42 @@ def test_a_hostile_checkpoint_is_refused_by_every_reader_before_anything_runs(ki
     assert sorted(os.listdir(tmp_path)) == ["given.pdparams"]  # no run folder, no output
 
 
-@pytest.mark.parametrize("kind", ["forged dtype fields", "attributes on an OrderedDict",
-                                  "shared-reference expansion", "deep lists"])
-@pytest.mark.parametrize("suffix", [".swa", ".pdparams", ".pdopt"])
-def test_the_callbacks_load_refuses_a_hostile_file_before_paddle_reads_it(kind, suffix, tmp_path,
-                                                                          deadline):
+def _fit_model(tmp_path):
     import callbacks
     import models
 
-    marker = tmp_path / "marker"
     model = paddle.Model(models.build("SimpleCNN", 10, 1))
     model.prepare(paddle.optimizer.SGD(0.1, parameters=model.parameters()))
     model.save(str(tmp_path / "fit"))
-    (tmp_path / f"fit{suffix}").write_bytes(hostile.checkpoint_bytes(kind, marker))
     callbacks.SWACallback(swa_start=1).set_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["forged dtype fields", "attributes on an OrderedDict",
+                                  "shared-reference expansion", "deep lists"])
+@pytest.mark.parametrize("suffix", [".swa", ".pdparams", ".pdopt", ".pdscaler"])
+def test_the_callbacks_load_refuses_a_hostile_file_before_paddle_reads_it(kind, suffix, tmp_path,
+                                                                          deadline):
+    marker = tmp_path / "marker"
+    model = _fit_model(tmp_path)
+    (tmp_path / f"fit{suffix}").write_bytes(hostile.checkpoint_bytes(kind, marker))
     with pytest.raises(errors.CheckpointError, match="refused before building it"):
         model.load(str(tmp_path / "fit"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("given", ["fit", "fit.pdparams", "fit.pdopt", "fit.pdmodel"])
+def test_the_callbacks_load_checks_the_files_paddle_opens_under_any_name_it_takes(given, tmp_path):
+    marker = tmp_path / "marker"
+    model = _fit_model(tmp_path)
+    (tmp_path / "fit.pdparams").write_bytes(
+        pickle.dumps({"fc.weight": hostile.RunsACommand(f"touch {marker}")}, protocol=4))
+    with pytest.raises(errors.CheckpointError, match="posix.system"):
+        model.load(str(tmp_path / given))
+    os.unlink(tmp_path / "fit.pdparams")
+    os.mkfifo(tmp_path / "fit.pdparams")  # Paddle would open it and wait
+    with pytest.raises(errors.CheckpointError, match="not a regular file"):
+        model.load(str(tmp_path / given))
     assert not marker.exists()
 
 
@@ -154,6 +174,8 @@ def test_shared_parts_are_read_once_and_within_the_files_budget():
     assert read["x"][0] is read["x"][1] is read["y"][0]  # one array, as pickled
     with pytest.raises(pickles.Refused, match="expand"):
         pickles.read_data(pickle.dumps(hostile._shared(5), protocol=4))
+    with pytest.raises(pickles.Refused, match="expand"):  # 100,000 lists in 200 KB
+        pickles.read_data(hostile._nested_lists(100_000))
 
 
 # --------------------------------------------------------------------------- mutations
@@ -255,6 +277,22 @@ def test_a_field_that_is_not_what_the_record_says_is_named_in_one_line(small_che
                                                                       change, field):
     path = _with(small_checkpoint, tmp_path, change)
     one_line_error(run_main(evaluation.main, "--model_path", path), "c.pdparams: its " + field)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda d: d.update(format=np.zeros(2)), "is of format"),
+    (lambda d: d["state_dict"].update({"fc.bias": ("fc.bias", np.zeros(10, np.uint32))}),
+     "holds an array Paddle cannot make a tensor of"),
+    (lambda d: d["rng"].update(numpy=("MT19937", d["rng"]["numpy"][1], 2**31 - 1, 0, 0.0)),
+     "its rng is not"),
+    (lambda d: d["normalization"].update(mean=[np.complex64(1)]), "its normalization is not"),
+    (lambda d: d.update(epoch=np.uint64(2**64 - 1)), "its epoch is not"),
+    (lambda d: d["args"].update(lr_init=np.zeros(2)), "its args is not"),
+])
+def test_values_that_would_crash_later_are_refused_when_read(small_checkpoint, tmp_path, change,
+                                                             problem):
+    path = _with(small_checkpoint, tmp_path, change)
+    one_line_error(run_main(evaluation.main, "--model_path", path), "c.pdparams", problem)
 
 
 def test_a_negative_batchnorm_variance_is_refused_naming_it(small_checkpoint, tmp_path):
