@@ -14,83 +14,96 @@ import harness
 harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import paddle  # noqa: E402
 
-from harness import cli, engine, errors, report, schedules, training  # noqa: E402
-from harness.config import LEGACY, build_parser, identity_of, parse_args  # noqa: E402
+from harness import checkpoints, cli, engine, errors, report, schedules, session  # noqa: E402
+from harness.config import parse_args  # noqa: E402
 
 
 # --------------------------------------------------------------------------- training
 
-def train(args, command):
-    """Train as `args` say; `command` is the command line to record. Returns the exit code."""
+def train(config, command):
+    """Train as `config` (a harness.config.Config) says; `command` is the command line to
+    record. Returns the exit code."""
     # Optimizer state is saved under generated names (e.g. conv2d_0.w_0_velocity_0): a fresh
     # name scope makes them the same in every run, whatever ran before in this process.
     try:
         with paddle.utils.unique_name.guard():
-            run, start = training.setup(args, command, identity_of(args), LEGACY)
+            run, start = session.setup(config, command)
             if run is None:
                 print(start)
                 return 0
             try:
-                with training.StopFlag() as stop:
-                    code = train_loop(run, start, stop)
+                with session.StopFlag() as stop:
+                    code = train_loop(config, run, start, stop)
                     if code == 0 and run.env.is_master:  # still under StopFlag: no unguarded gap
-                        plot(run)
+                        plot(config, run)
             finally:
                 run.close()  # the lock last: the plot is written by the run's one writer
-    except training.Stopped as e:
+    except report.Stopped as e:
         print(e, file=sys.stderr, flush=True)
         return 128 + e.signum
+    except OSError as e:  # a full disk: say which checkpoint survived
+        message = cli.disk_error_message(e)
+        if message is None:
+            raise
+        raise errors.RunFailed(f"{message}; {checkpoints.kept_checkpoints(config.dir)}; free some "
+                               "space and run again") from None
     return code
 
 
-def plot(run):
-    path = training.draw_plot(run.args.dir)
+def plot(config, run):
+    path = report.draw_plot(config.dir)
     run.log(f"plot: {path}" + (f"; curves in VisualDL: {run.visualdl.command()}"
                                if run.visualdl else ""))
 
 
-def train_loop(run, start, stop):
+def train_loop(config, run, start, stop):
     """Epochs from `start` to the end: for each, train (rate and seed set before every batch),
     average, evaluate when due, save when due, record. Returns the exit code."""
-    args, swa = run.args, run.swa
+    c, swa = config, run.swa
     steps = len(run.train_batches)
     run.log(report.format_row({}, run.columns, header=True))
-    for epoch in range(start.epoch, args.epochs):
+    for epoch in range(start.epoch, c.epochs):
         started = time.time()
-        lr_at = epoch_rate(args, epoch, steps)
-        tr = train_epoch(run, epoch, start, lr_at, stop)
+        lr_at = epoch_rate(c, epoch, steps)
+        averaging = averaging_epoch(c, run, epoch)
+        tr = train_epoch(c, run, epoch, start, lr_at, stop, averaging)
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
             check_weights(run, epoch)
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
         row = {"ep": epoch + 1, "lr": lr_at(0), "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
                "skipped": tr["skipped"],
-               "img_s": tr["steps"] * args.batch_size / max(time.time() - started, 1e-9)}
+               "img_s": tr["steps"] * c.batch_size / max(time.time() - started, 1e-9)}
         synchronise(run)
         check_weights(run, epoch)
-        if args.fge and schedules.is_fge_snapshot_epoch(epoch + 1, args.swa_start, args.fge_cycle):
+        if c.fge and schedules.is_fge_snapshot_epoch(epoch + 1, c.swa_start, c.fge_cycle):
             run.snapshot(epoch + 1)
-        evaluate = training.evaluation_epoch(epoch, args.eval_freq, args.epochs)
+        evaluate = schedules.evaluation_epoch(epoch, c.eval_freq, c.epochs)
         if evaluate:
-            row.update(training.eval_columns(run, run.model))
-        averaged = averaging_epoch(run, epoch)
-        if run.average == "swa" and averaged:
-            swa.update(run.model)
-        if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
+            row.update(session.eval_columns(run, run.model))
+        if averaging and run.average == "swa":  # an EMA was updated after every step
+            update_average(run)
+        if swa and swa.n and (averaging and evaluate or epoch + 1 == c.epochs):
             swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
-            row.update(training.eval_columns(run, swa.model, run.average))
+            row.update(session.eval_columns(run, swa.model, run.average))
         if swa is not None:  # updated or refreshed since the check above: check before saving
             check_weights(run, epoch, sgd=False)
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+        if (epoch + 1) % c.save_freq == 0 or epoch + 1 == c.epochs:
             run.save(epoch + 1)
         row["time"] = time.time() - started
         run.record(row)
         stopping, = run.env.agree_any(stop.signal is not None)
-        if stopping and epoch + 1 < args.epochs:
+        if stopping and epoch + 1 < c.epochs:
             return run.interrupted(epoch + 1, 0, None, stop.signal or signal.SIGTERM)
-        start = training.Start(epoch + 1)
+        start = session.Start(epoch + 1)
     if run.val_batches:
         test_once(run)
     return 0
+
+
+def update_average(run):
+    """The one place the average takes in the SGD model: after every step for an EMA, after
+    an averaging epoch for SWA (and SWAG, FGE's snapshots)."""
+    run.swa.update(run.model)
 
 
 def test_once(run):
@@ -100,54 +113,53 @@ def test_once(run):
         scored.append((report.AVERAGES[run.average], run.swa.model))
     parts = []
     for name, model in scored:
-        columns = training.eval_columns(run, model, split="te")
+        columns = session.eval_columns(run, model, split="te")
         parts.append(f"{name} loss {columns['te_loss']:.4f} acc {columns['te_acc']:.4f}")
     run.log(f"test set ({len(run.ds.test)} images): " + "; ".join(parts))
 
 
-def epoch_rate(args, epoch, steps):
+def epoch_rate(c, epoch, steps):
     """The rate of each batch of 0-based `epoch`, as a function of the batch: FGE's cycles from
     --swa_start on with --fge, else --lr_schedule (towards --swa_lr with --swa or --fge)."""
-    if args.fge and epoch >= args.swa_start:
-        return lambda step: schedules.fge_lr(epoch, step, steps, args.swa_start, args.fge_cycle,
-                                             args.fge_lr1, args.fge_lr2)
-    start = args.swa_start if args.swa or args.fge else None
-    return lambda step: schedules.learning_rate(args.lr_schedule, epoch, step, steps, args.lr_init,
-                                                args.epochs, start, args.swa_lr, args.swa_c_epochs)
+    if c.fge and epoch >= c.swa_start:
+        return lambda step: schedules.fge_lr(epoch, step, steps, c.swa_start, c.fge_cycle,
+                                             c.fge_lr1, c.fge_lr2)
+    start = c.swa_start if c.swa or c.fge else None
+    return lambda step: schedules.learning_rate(c.lr_schedule, epoch, step, steps, c.lr_init,
+                                                c.epochs, start, c.swa_lr, c.swa_c_epochs)
 
 
-def averaging_epoch(run, epoch):
+def averaging_epoch(c, run, epoch):
     """Whether 0-based `epoch` adds to the average: SWA's averaging epochs (FGE's snapshot
     epochs with --fge), or, for an EMA (updated after every step), every epoch from
     --swa_start on."""
+    if run.swa is None:
+        return False
     if run.average == "ema":
-        return epoch + 1 >= run.args.swa_start
-    if run.args.fge:
-        return run.swa is not None and schedules.is_fge_snapshot_epoch(
-            epoch + 1, run.args.swa_start, run.args.fge_cycle)
-    return run.swa is not None and schedules.is_swa_epoch(epoch + 1, run.args.swa_start,
-                                                          run.args.swa_c_epochs)
+        return epoch + 1 >= c.swa_start
+    if c.fge:
+        return schedules.is_fge_snapshot_epoch(epoch + 1, c.swa_start, c.fge_cycle)
+    return schedules.is_swa_epoch(epoch + 1, c.swa_start, c.swa_c_epochs)
 
 
-def train_epoch(run, epoch, start, lr_at, stop):
+def train_epoch(c, run, epoch, start, lr_at, stop, averaging):
     """SGD over 0-based `epoch` from batch `start.step`; an EMA is updated after every step
     once averaging has begun. Returns engine.train_pass's result (fewer steps if a signal
     stopped it)."""
-    args, env = run.args, run.env
-
     def on_sync(done, sums):
         if run.progress:
             run.progress.update(start.step + done, sums)
         return stop.signal is not None
 
     if run.progress:
-        run.progress.start(f"epoch {epoch + 1}/{args.epochs}", len(run.train_batches), start.step)
-    ema = run.swa if run.average == "ema" and averaging_epoch(run, epoch) else None
+        run.progress.start(f"epoch {epoch + 1}/{c.epochs}", len(run.train_batches), start.step)
+    every_step = averaging and run.average == "ema"
     try:
         return engine.train_pass(
             run.train_batches(epoch, start.step), run.net, run.optimizer, lr_at,
-            lambda step: training.step_seed(args.seed, env.rank, epoch, step), start.step,
-            average=ema, sync_every=run.sync_every, on_sync=on_sync, context=run.context,
+            lambda step: schedules.step_seed(c.seed, run.env.rank, epoch, step), start.step,
+            after_step=(lambda: update_average(run)) if every_step else None,
+            sync_every=run.sync_every, on_sync=on_sync, context=run.context,
             totals=start.partial, amp=run.amp)
     except engine.NonFiniteLoss as e:
         raise errors.Diverged(f"loss became {e.value} at epoch {epoch + 1} step "
@@ -170,7 +182,7 @@ def check_weights(run, epoch, sgd=True):
     named = {"the SGD model's": run.model} if sgd else {}
     if run.swa is not None and run.swa.n:
         named["the average's"] = run.swa.model
-    bad = training.first_non_finite(named)
+    bad = engine.first_non_finite(named)
     any_bad, = run.env.agree_any(bad is not None)  # every rank stops, none waits for the others
     if any_bad:
         raise errors.Diverged(f"the weights became NaN or infinite at epoch {epoch + 1} "
@@ -190,16 +202,8 @@ def synchronise(run):
 
 def main(argv=None):
     command = sys.argv if argv is None else ["train.py"] + list(argv)
-
-    def kept():
-        try:
-            directory = build_parser().parse_known_args(command[1:])[0].dir
-        except SystemExit:
-            return ""
-        return training.kept_checkpoints(directory)
-
     with cli.tolerate_closed_stdout():
-        return cli.main("train.py", lambda a: train(parse_args(a), command), command[1:], kept=kept)
+        return cli.main("train.py", lambda a: train(parse_args(a), command), command[1:])
 
 
 if __name__ == "__main__":

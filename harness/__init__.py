@@ -2,17 +2,22 @@
 
     errors        the exceptions of bad input and failed runs, and their exit codes
     cli           argument parsing and one-line errors for every entry point
+    config        train.py's flags, parsed and checked once into a frozen Config
     runtime       device, CPU threads, the data-parallel job
+    pickles       reading a pickle as data only (checkpoints, CIFAR batches)
     data          the datasets from their official files, and the batch loader
-    checkpoints   the checkpoint: its schema, saving and loading it, rebuilding what it was trained with
+    checkpoints   the checkpoint: its record, writing, reading and resuming it, rebuilding
+                  what it was trained with
+    session       one training run's state (Run), built and restored once by setup
     engine        one training pass and one evaluation pass
     evaluation    scores (accuracy, NLL, ECE), predictions, SWAG's model average, reliability plots
-    schedules     learning-rate schedules, as pure functions
+    schedules     learning rates, averaging and evaluation epochs, step seeds: pure functions
     rundir        a run directory: one run, one writer, its record
     report        the epoch table, metrics.csv, VisualDL, the convergence plot
     files         writing a file atomically
 
-None of it is needed to use utils.py (the averaging core) or callbacks.py in your own code.
+None of it is needed to use utils.py (the averaging core) in your own code; callbacks.py
+uses checkpoints (its `.swa` files) and schedules.
 Importing this package does nothing; entry points call `prepare()` before Paddle loads.
 """
 import os

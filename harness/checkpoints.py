@@ -485,6 +485,67 @@ def check_variances(state_dict, source="state dict"):
                                              "the file is damaged or not a model's weights")
 
 
+def check_finite_optimizer(state, path):
+    """Refuse a checkpoint whose optimizer state (momentum buffers, O2's master weights) holds
+    NaN or infinity: finite weights would be driven to NaN by the first step after resuming."""
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{key}/{k}" if key else str(k))
+        elif isinstance(value, (paddle.Tensor, np.ndarray, float)):
+            yield key, value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+
+    for key, array in walk(state or {}, ""):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise errors.CheckpointError(f"--resume {path}: the optimizer state {key} holds NaN or "
+                                         "infinite values (the run diverged before it was saved?); "
+                                         "resume from an earlier checkpoint")
+
+
+def kept_checkpoints(directory):
+    """What a failed run left in `directory`, for the disk-full message."""
+    found = list_checkpoints(directory)
+    if not found:
+        return "no checkpoint was written"
+    return f"the newest checkpoint is {found[max(found)]}"
+
+
+def resume(ckpt, path, model, optimizer, average=None, amp=None, fingerprint=None,
+           dataset="the dataset"):
+    """Load training checkpoint `ckpt` (read from `path`) into a run's parts: the SGD weights,
+    the optimizer's state, the average (None: none), the loss scaler (None: none), and
+    Python's and numpy's generators. Returns `ckpt`.
+
+    Raises:
+        CheckpointError: the files of `dataset` changed since it was trained (their
+            `fingerprint` differs), or a part does not fit or holds NaN or infinity.
+    """
+    saved = ckpt.data
+    if saved and fingerprint and saved != fingerprint:
+        change = (f"{saved['train']} training and {saved['test']} test images then, "
+                  f"{fingerprint['train']} and {fingerprint['test']} now"
+                  if (saved["train"], saved["test"]) != (fingerprint["train"], fingerprint["test"])
+                  else "the same sizes, other contents")
+        raise errors.CheckpointError(f"--resume {path}: the {dataset} files in --data_path "
+                                     f"changed since the run was trained ({change}); put the "
+                                     "run's files back, or start a new run in another --dir")
+    load_weights(model, ckpt.state_dict, source=path)
+    check_finite(ckpt.swa_state_dict, source=f"{path} (the average)")
+    check_variances(ckpt.swa_state_dict, source=f"{path} (the average)")
+    check_finite_optimizer(ckpt.optimizer, path)
+    try:
+        optimizer.set_state_dict(ckpt.optimizer or {})
+        if average is not None:
+            average.set_state_dict(ckpt.average_state())
+    except (ValueError, KeyError) as e:
+        raise errors.CheckpointError(f"cannot resume from {path}: {e}") from None
+    if amp:
+        amp.load_state_dict(ckpt.amp_scaler)
+    if ckpt.rng is not None:
+        set_rng_state(ckpt.rng)
+    return ckpt
+
+
 # --------------------------------------------------------------------------- rebuilding
 
 @dataclass
@@ -522,12 +583,9 @@ def rebuild(ckpt, path, model_name=None, dataset=None, data_path=None, batch_siz
         runtime.tune_cpu(threads, model_name)
     ds = datasets.load_dataset(dataset, data_path or saved.get("data_path", "data"),
                                download=not saved.get("no_download", False))
-    if saved.get("val_size"):  # trained on what the validation split left
-        ds = datasets.split_validation(ds, saved["val_size"], saved.get("seed", 1))
     norm = ckpt.normalization
-    if norm and len(norm["mean"]) == ds.image_shape[0]:
-        ds = dataclasses.replace(ds, mean=np.array(norm["mean"], np.float32),
-                                 std=np.array(norm["std"], np.float32))
+    ds = datasets.as_trained(ds, saved.get("val_size"), saved.get("seed", 1),
+                             (norm["mean"], norm["std"]) if norm else None)
     return Trained(models.build(model_name, ds.num_classes, ds.image_shape[0]), ds, model_name,
                    batch_size or saved.get("batch_size", 128), saved.get("seed", 1), ckpt.epoch)
 

@@ -169,15 +169,13 @@ def disk_error_message(error):
     return None
 
 
-def main(prog, body, argv=None, kept=None):
+def main(prog, body, argv=None):
     """Run `body(argv)` and turn its failures into one line on stderr and an exit code.
 
     Args:
         prog: the script's name, first on every error line.
         body: callable(argv) returning the exit code.
         argv: the arguments (None: sys.argv[1:]).
-        kept: optional callable() describing what a failed run kept on disk, appended to
-            disk-full messages.
 
     Returns:
         The exit code: body's, 1 for RunFailed and disk errors, 2 for UsageError.
@@ -197,7 +195,6 @@ def main(prog, body, argv=None, kept=None):
         message = disk_error_message(e)
         if message is None:
             raise
-        where = kept() if kept else ""
-        print(f"{prog}: error: {message}; {where or 'files written before are intact'}; "
+        print(f"{prog}: error: {message}; files written before are intact; "
               "free some space and run again", file=sys.stderr)
         return errors.EXIT_FAILED

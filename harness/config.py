@@ -1,11 +1,15 @@
-"""train.py's flags: the parser, the checks across flags, and which flags define a run.
+"""train.py's configuration: its flags parsed and checked once into a frozen `Config`, with
+which of them define a run.
 
-    >>> args = parse_args(["--dataset", "digits", "--swa", "--swa_start", "20"])
-    >>> identity_of(args)        # the flags a resume may not change
+    >>> config = parse_args(["--dataset", "digits", "--swa", "--swa_start", "20"])
+    >>> config.swa_start, config.identity()[:3]      # the flags a resume may not change
+    (20, ('model', 'dataset', 'seed'))
 
 compare.py checks the commands it would run with the same `parse_args`.
 """
 import argparse
+import dataclasses
+from dataclasses import dataclass
 
 import models
 from harness import cli, errors, schedules
@@ -16,12 +20,7 @@ EXAMPLES = """examples:
   python train.py --dataset CIFAR100 --data_path data --model VGG16 --epochs 300 --lr_init 0.05 --wd 5e-4 --swa --swa_start 161 --swa_lr 0.01 --dir runs/vgg16
   python train.py --dir runs/vgg16 --resume auto ...same flags...   # continue an interrupted run
 """
-# What defines a run: a resume with any of these changed is refused. The other flags may
-# change on resume (--epochs only upward); so may the number of processes, at an epoch end.
-IDENTITY = ("model", "dataset", "seed", "batch_size", "label_noise", "normalization", "lr_init",
-            "momentum", "wd", "lr_schedule", "swa", "swa_start", "swa_lr", "swa_c_epochs",
-            "ema_decay", "ema_warmup", "swag", "swag_rank", "val_size", "amp", "amp_dtype",
-            "fge", "fge_cycle", "fge_lr1", "fge_lr2")
+# The flags a resume may change, in words (the others define the run: see Config).
 MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--data_path",
               "--num_workers", "--no_download", "--no_visualdl", "--init", "--device", "--threads",
               "the number of processes (at an epoch's end)")
@@ -45,6 +44,84 @@ NEEDS = {
     "fge_lr2": ("--fge", "--fge", lambda a: a.fge),
     "amp_dtype": ("--amp", "--amp O1 (or O2)", lambda a: a.amp),
 }
+
+
+# --------------------------------------------------------------------------- the configuration
+
+def _defines(): return dataclasses.field(metadata={"role": "identity"})     # noqa: E704
+def _may_change(): return dataclasses.field(metadata={"role": "may_change"})  # noqa: E704
+def _starts(): return dataclasses.field(metadata={"role": "start"})         # noqa: E704
+
+
+@dataclass(frozen=True)
+class Config:
+    """train.py's flags, parsed and checked: built once by `parse_args`, never changed. Each
+    field is one flag, in one of three roles: it defines the run (a resume with it changed is
+    refused), it may change on resume, or it says how this command starts."""
+    model: str = _defines()
+    dataset: str = _defines()
+    seed: int = _defines()
+    batch_size: int = _defines()
+    label_noise: float = _defines()
+    normalization: str = _defines()
+    lr_init: float = _defines()
+    momentum: float = _defines()
+    wd: float = _defines()
+    lr_schedule: str = _defines()
+    swa: bool = _defines()
+    swa_start: int = _defines()
+    swa_lr: float = _defines()
+    swa_c_epochs: int = _defines()
+    ema_decay: float | None = _defines()
+    ema_warmup: bool = _defines()
+    swag: bool = _defines()
+    swag_rank: int = _defines()
+    val_size: int = _defines()
+    amp: str | None = _defines()
+    amp_dtype: str = _defines()
+    fge: bool = _defines()
+    fge_cycle: int = _defines()
+    fge_lr1: float = _defines()
+    fge_lr2: float = _defines()
+    epochs: int = _may_change()
+    eval_freq: int = _may_change()
+    save_freq: int = _may_change()
+    dir: str = _may_change()
+    data_path: str = _may_change()
+    num_workers: int = _may_change()
+    no_download: bool = _may_change()
+    no_visualdl: bool = _may_change()
+    init: str | None = _may_change()
+    device: str = _may_change()
+    threads: int = _may_change()
+    resume: str | None = _starts()
+    overwrite: bool = _starts()
+
+    def as_dict(self):
+        """Every flag by name: what a run records (args.json, checkpoints)."""
+        return dataclasses.asdict(self)
+
+    def identity(self):
+        """The names of the flags that define this run: those of the role, but not those that
+        do nothing in it (a run of an older version may have recorded any value there, which
+        a resume could not repeat now)."""
+        idle = {flag for flag, (_, _, active) in NEEDS.items() if not active(self)}
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.metadata["role"] == "identity" and f.name not in idle)
+
+    def differences(self, recorded):
+        """`--flag (run: X, now: Y)` for each flag that defines this run and differs from
+        `recorded` (a run's flags by name; flags newer than the run read as LEGACY says)."""
+        recorded = dict(LEGACY, **recorded)
+        return [f"--{name} (run: {_shown(recorded.get(name))}, now: {_shown(getattr(self, name))})"
+                for name in self.identity() if recorded.get(name) != getattr(self, name)]
+
+
+def _shown(value):
+    """A flag value as a user typed it: on/off for switches."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 # --------------------------------------------------------------------------- the parser
@@ -171,6 +248,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
+    """The Config of train.py's command line `argv`; UsageError (one line) for flags that do
+    not go together or would do nothing."""
     args = build_parser().parse_args(argv)
     check_dependent(args)
     if args.lr_schedule == "cyclic" and not args.swa:
@@ -194,7 +273,7 @@ def parse_args(argv=None):
     except ValueError as e:
         raise errors.UsageError(str(e)) from None
     check_epochs(args)
-    return args
+    return Config(**vars(args))
 
 
 def check_dependent(args):
@@ -207,13 +286,6 @@ def check_dependent(args):
         elif not active(args):
             raise errors.UsageError(f"--{flag} {value} needs {needs} (without, it does nothing): "
                                     f"add {fix}, or drop --{flag}")
-
-
-def identity_of(args):
-    """The IDENTITY flags that define this run: not those that do nothing in it (a run of an
-    older version may have recorded any value there, which a resume could not repeat now)."""
-    idle = {flag for flag, (_, _, active) in NEEDS.items() if not active(args)}
-    return tuple(name for name in IDENTITY if name not in idle)
 
 
 def check_epochs(args):

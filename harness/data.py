@@ -396,6 +396,18 @@ def split_validation(ds, size, seed):
                                mean=mean, std=std)
 
 
+def as_trained(ds, val_size, seed, normalization=None):
+    """`ds` as a run trained on it: `val_size` images held out (`split_validation`, whose
+    statistics then normalise), or the per-channel `normalization` (mean, std) given, if it
+    has one value per channel."""
+    if val_size:  # before normalising: the statistics are the remaining images'
+        ds = split_validation(ds, val_size, seed)
+    if normalization and len(normalization[0]) == ds.image_shape[0]:
+        mean, std = normalization
+        ds = dataclasses.replace(ds, mean=np.array(mean, np.float32), std=np.array(std, np.float32))
+    return ds
+
+
 def with_label_noise(dataset, fraction, num_classes, seed):
     """A copy of `dataset` in which round(fraction * N) labels, chosen at random, are replaced
     by another class chosen at random (reproducible from `seed`)."""

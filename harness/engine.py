@@ -25,7 +25,7 @@ class NonFiniteLoss(FloatingPointError):
         self.step, self.value = step, value
 
 
-def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=None,
+def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, after_step=None,
                sync_every=1, on_sync=None, context=None, totals=None, amp=None):
     """SGD over `batches` (cross-entropy, model.train(), one optimizer step per batch).
 
@@ -43,7 +43,8 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
         optimizer: a paddle optimizer.
         lr_at, seed_at: callables of the step number (see above).
         first_step: the number of the first batch (a resumed epoch's).
-        average: a `utils.SWA` updated from the model after every step (an EMA), or None.
+        after_step: optional callable() run after every optimizer step (train.py updates an
+            EMA there).
         sync_every: steps between reads from the device (1 on CPU, where a read costs nothing).
         on_sync: optional callable(steps_done, sums) at each read; True asks to stop after the
             current step (agreed over all ranks with `context`).
@@ -83,8 +84,8 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, average=
             loss.backward()
             optimizer.step()
         optimizer.clear_grad()
-        if average is not None:
-            average.update(model)
+        if after_step is not None:
+            after_step()
         steps += 1
         if stop:
             break
@@ -243,3 +244,16 @@ class MixedPrecision:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
             self.scale = self._state()["scale"]
+
+
+def first_non_finite(named_models):
+    """`<label> <tensor name>` of the first floating-point parameter or buffer (a BatchNorm
+    running variance, say) of `named_models` ({label: Layer}) holding NaN or infinity, or None.
+    One read from the device for all tensors: cheap enough once per epoch on a GPU."""
+    named = [(f"{label} {key}", t) for label, model in named_models.items()
+             for key, t in model.state_dict().items() if paddle.is_floating_point(t)]
+    if not named:
+        return None
+    finite = paddle.stack([paddle.isfinite(t).all() for _, t in named]).numpy()
+    bad = np.flatnonzero(~finite)
+    return named[bad[0]][0] if len(bad) else None

@@ -5,6 +5,7 @@ import csv
 import io
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -230,3 +231,45 @@ def _swa_start(directory):
     """The run's first averaged epoch, from its args.json, or None."""
     saved = files.read_json_dict(os.path.join(directory, "args.json")) or {}
     return saved.get("swa_start") if saved.get("swa") else None
+
+
+# --------------------------------------------------------------------------- the run's plot
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived while `draw_plot` drew; `signum` is the signal."""
+
+    def __init__(self, signum, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} while drawing {path}, which "
+                         "was not written; the training is finished: draw the plot with the same "
+                         "command plus --resume auto")
+        self.signum = signum
+
+
+PLOT = "convergence.png"
+
+
+def draw_plot(directory):
+    """Draw DIR/convergence.png from DIR/metrics.csv (atomically); returns its path. A signal
+    meanwhile stops the drawing at once, raising Stopped: matplotlib cannot be asked to stop
+    early, and the default handlers would kill the process or raise KeyboardInterrupt inside
+    it. Nothing is written then, and a resume of the finished run draws it."""
+    path = os.path.join(directory, PLOT)
+
+    def stop(signum, frame):
+        raise Stopped(signum, path)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return plot_runs([directory], path)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def draw_missing_plot(directory):
+    """For a finished run: draw its plot if a stop or a full disk lost it. Returns a line
+    saying so (after a newline), or ''."""
+    if os.path.exists(os.path.join(directory, PLOT)) or \
+            not os.path.exists(os.path.join(directory, "metrics.csv")):
+        return ""
+    return f"\nplot: {draw_plot(directory)} (it was missing: drawn again)"

@@ -20,6 +20,7 @@ import shutil
 import stat
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness import checkpoints, errors, files
@@ -132,19 +133,6 @@ def write_json(path, obj):
     files.atomic_write(path, write)
 
 
-def show(value):
-    """A flag value as a user typed it: on/off for switches."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
-
-
-def differences(recorded, current, names):
-    """`--flag (run: X, now: Y)` for each of `names` whose value differs."""
-    return [f"--{name} (run: {show(recorded.get(name))}, now: {show(current.get(name))})"
-            for name in names if recorded.get(name) != current.get(name)]
-
-
 # --------------------------------------------------------------------------- starting a run
 
 @dataclass
@@ -157,17 +145,30 @@ class Plan:
     created_dir: bool = False
 
 
-def plan_start(args, identity, legacy=None):
-    """Check --dir and --resume for train.py's `args`; returns (Plan, lock, the checkpoint to
-    resume from as read, or None), so that it is read once on this process. Nothing in --dir
-    changes but its lock (a --dir that did not exist is created for it, and removed again if
-    a check fails).
+@dataclass(frozen=True)
+class Request:
+    """What train.py's command asks of its run directory."""
+    dir: str                  # --dir
+    resume: str | None        # --resume: a checkpoint, "auto", or None
+    overwrite: bool           # --overwrite
+    epochs: int               # --epochs: the run's length
+    world_size: int           # processes of this launch
+    same_run: Callable        # recorded flags -> ["--flag (run: X, now: Y)", ...] that differ
 
-    Args:
-        args: train.py's arguments (dir, resume, overwrite, epochs, and the `identity` flags).
-        identity: the names of the flags that define a run (a resume may not change them).
-        legacy: values of identity flags that older checkpoints do not record.
-    """
+
+@dataclass
+class Opened:
+    """A run directory checked and locked for a run by `plan_start`."""
+    directory: str
+    plan: Plan
+    lock: object                      # held until the run ends (close it)
+    checkpoint: object = None         # the checkpoint to resume from, as read (read once)
+
+
+def plan_start(args):
+    """Check --dir and --resume for train.py's `args` (a Request); returns what it Opened.
+    Nothing in --dir changes but its lock (a --dir that did not exist is created for it, and
+    removed again if a check fails)."""
     existing = os.path.abspath(args.dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -185,7 +186,7 @@ def plan_start(args, identity, legacy=None):
         lock = acquire_lock(args.dir)
         try:
             check_writable(args.dir)
-            plan, ckpt = _plan(args, identity, legacy or {})
+            plan, ckpt = _plan(args)
         except BaseException:
             lock.close()
             raise
@@ -194,7 +195,7 @@ def plan_start(args, identity, legacy=None):
             remove_created_dir(args.dir)
         raise
     plan.created_dir = created
-    return plan, lock, ckpt
+    return Opened(args.dir, plan, lock, ckpt)
 
 
 def check_writable(directory):
@@ -221,7 +222,7 @@ def remove_created_dir(directory):
         os.rmdir(directory)
 
 
-def _plan(args, identity, legacy):
+def _plan(args):
     previous = previous_run_files(args.dir)
     record = read_record(args.dir)
     path = args.resume
@@ -236,10 +237,10 @@ def _plan(args, identity, legacy):
                                     f"({os.path.basename(previous[0])}){advice}; choose another "
                                     "--dir, or pass --overwrite to replace it")
         return Plan(run_id=new_run_id(), discard=previous), None
-    return _plan_resume(args, path, previous, record, identity, legacy)
+    return _plan_resume(args, path, previous, record)
 
 
-def _plan_resume(args, path, previous, record, identity, legacy):
+def _plan_resume(args, path, previous, record):
     """(The plan for resuming from checkpoint `path`, the checkpoint), once it fits the run."""
     ckpt = checkpoints.load_checkpoint(path)
     if ckpt.fge_snapshot:
@@ -261,12 +262,12 @@ def _plan_resume(args, path, previous, record, identity, legacy):
                                 f"--dir {args.dir}; resume it in its own --dir (or an empty one)")
     old = read_args(args.dir) if previous and record is None else None
     for flags in filter(None, (old, saved)):  # a run of an older version has only args.json
-        check_same_run(path, dict(legacy, **flags), vars(args), identity, args.dir)
+        check_same_run(path, args.same_run(flags))
     epoch, step = ckpt.epoch, ckpt.step
     if epoch > args.epochs or (epoch == args.epochs and step):
         raise errors.UsageError(f"--epochs {args.epochs} is below the checkpoint's "
                                 f"{checkpoints.describe_position(epoch, step)}; raise --epochs")
-    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))  # the processes of this launch
+    world = args.world_size
     if step and (ckpt.world_size or 1) != world:
         raise errors.UsageError(f"--resume {path} was saved mid-epoch by {ckpt.world_size or 1} "
                                 f"processes; resume it with the same number (now {world}), or from an "
@@ -283,9 +284,8 @@ def _plan_resume(args, path, previous, record, identity, legacy):
     return Plan(resume=path, run_id=run_id, discard=later), ckpt
 
 
-def check_same_run(path, saved, current, identity, directory):
-    """Refuse a resume whose flags differ from the run's where they define it."""
-    changed = differences(saved, current, identity)
+def check_same_run(path, changed):
+    """Refuse a resume whose flags differ from the run's where they define it (`changed`)."""
     if changed:
         commands = os.path.join(os.path.dirname(os.path.abspath(path)), "command.sh")
         see = f" (see {commands})" if os.path.isfile(commands) else ""
@@ -294,16 +294,17 @@ def check_same_run(path, saved, current, identity, directory):
                                 "start a new run in another --dir")
 
 
-def record_run(args, plan, world_size, command, identity):
-    """Write the run's record, command line and arguments; clear what the plan discards."""
+def record_run(directory, plan, world_size, command, flags, identity):
+    """Write the run's record (its id, and of `flags` by name those in `identity`), command
+    line and flags into `directory`; clear what the plan discards."""
     remove(plan.discard)
     # Temporary files of writes that were killed (never complete files); a user's own *.tmp
     # files are not ours and stay.
-    remove(files.leftover_temporaries(args.dir, is_run_file))
-    write_json(os.path.join(args.dir, RECORD),
-               {"run_id": plan.run_id, "identity": {name: getattr(args, name) for name in identity},
+    remove(files.leftover_temporaries(directory, is_run_file))
+    write_json(os.path.join(directory, RECORD),
+               {"run_id": plan.run_id, "identity": {name: flags[name] for name in identity},
                 "world_size": world_size})
     command = " ".join(shlex.quote(a) for a in [sys.executable] + command)
-    with open(os.path.join(args.dir, "command.sh"), "a" if plan.resume else "w") as f:
+    with open(os.path.join(directory, "command.sh"), "a" if plan.resume else "w") as f:
         f.write(("# resumed from " + plan.resume + "\n" if plan.resume else "") + command + "\n")
-    write_json(os.path.join(args.dir, "args.json"), vars(args))
+    write_json(os.path.join(directory, "args.json"), flags)

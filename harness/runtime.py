@@ -183,6 +183,20 @@ class Distributed:
             raise value
         return value
 
+    def first(self, fn, *args, **kwargs):
+        """Run `fn` on rank 0 only: rank 0 gets its result, the other ranks None; if it fails,
+        every rank raises its exception."""
+        result, outcome = None, None
+        if self.is_master:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:  # handed to every rank, raised there
+                outcome = e
+        outcome = self.broadcast(outcome)
+        if outcome is not None:
+            raise outcome
+        return result
+
     def together(self, fn, *args, **kwargs):
         """Run `fn` on every rank; if it fails anywhere, it fails everywhere: the failing ranks
         raise their own error, the others OtherRankFailed (the job then ends, not hangs)."""

@@ -6,6 +6,8 @@
 import math
 import numbers
 
+import numpy as np
+
 
 def is_swa_epoch(epoch, swa_start, swa_c_epochs=1):
     """Whether the model is added to the average after 1-based epoch `epoch`.
@@ -268,3 +270,15 @@ def is_fge_snapshot_epoch(epoch, start, cycle):
     """
     into = epoch - start - (cycle + 1) // 2
     return into >= 0 and into % cycle == 0
+
+
+def step_seed(seed, rank, epoch, step):
+    """The seed of Paddle's generator (dropout) before a step: a function of where training
+    is, so a resume draws the same masks on any device set."""
+    words = np.random.SeedSequence([seed, rank, epoch, step]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
+
+
+def evaluation_epoch(epoch, eval_freq, epochs):
+    """Whether 0-based `epoch` evaluates (the original's rule: first, every eval_freq, last)."""
+    return epoch == 0 or epoch % eval_freq == eval_freq - 1 or epoch == epochs - 1

@@ -26,7 +26,7 @@ import paddle  # noqa: E402
 from harness import data  # noqa: E402
 from harness import engine  # noqa: E402
 import train  # noqa: E402
-from harness import training  # noqa: E402
+from harness import session  # noqa: E402
 
 fault, target, ranks = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.argv = ["train.py"] + sys.argv[4:]
@@ -57,14 +57,14 @@ if fault == "term-step":
 
     data.Batches.assemble = counted_assemble
 elif fault == "term-epoch":
-    record = training.Run.record
+    record = session.Run.record
 
     def counted_record(self, row):
         record(self, row)
         if count():
             terminate()
 
-    training.Run.record = counted_record
+    session.Run.record = counted_record
 elif fault == "nan-step":
     cross_entropy = engine.F.cross_entropy
 

@@ -23,7 +23,7 @@ from harness import engine  # noqa: E402
 from harness import report  # noqa: E402
 from harness import rundir  # noqa: E402
 import train  # noqa: E402
-from harness import training  # noqa: E402
+from harness import session  # noqa: E402
 import utils  # noqa: E402
 
 probe_dir = sys.argv[1]
@@ -32,7 +32,7 @@ rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
 record = {"saves": 0, "record_run": 0, "metrics_files": 0, "test_counts": []}
 captured = {}
 
-real_save, real_record, real_setup = checkpoints.save_checkpoint, rundir.record_run, training.setup
+real_save, real_record, real_setup = checkpoints.save_checkpoint, rundir.record_run, session.setup
 real_metrics_init, real_evaluate = report.MetricsFile.__init__, engine.evaluate_pass
 
 
@@ -63,7 +63,7 @@ def counting_evaluate(batches, model, **kwargs):
     return result
 
 
-checkpoints.save_checkpoint, rundir.record_run, training.setup = counting_save, counting_record, capturing_setup
+checkpoints.save_checkpoint, rundir.record_run, session.setup = counting_save, counting_record, capturing_setup
 report.MetricsFile.__init__, engine.evaluate_pass = counting_metrics, counting_evaluate
 code = train.main()
 run = captured["run"]

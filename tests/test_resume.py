@@ -122,16 +122,16 @@ def test_first_non_finite_names_the_models_bad_parameter_or_statistic():
     import paddle
 
     import models
-    from harness import training
+    from harness import engine
 
     sgd, average = models.build("SimpleCNN", 10, 1), models.build("SimpleCNN", 10, 1)
     named = {"the SGD model's": sgd, "the average's": average}
-    assert training.first_non_finite(named) is None
+    assert engine.first_non_finite(named) is None
     variance = next(k for k in average.state_dict() if k.endswith("_variance"))
     average.state_dict()[variance].set_value(paddle.full(average.state_dict()[variance].shape, float("inf")))
-    assert training.first_non_finite(named) == f"the average's {variance}"
+    assert engine.first_non_finite(named) == f"the average's {variance}"
     sgd.state_dict()["fc.weight"].set_value(paddle.full(sgd.state_dict()["fc.weight"].shape, float("nan")))
-    assert training.first_non_finite(named) == "the SGD model's fc.weight"
+    assert engine.first_non_finite(named) == "the SGD model's fc.weight"
 
 
 def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):

@@ -320,10 +320,10 @@ SHORT = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "2", "--swa"
 
 
 def test_the_lock_is_held_all_run_also_when_main_is_called_inside_an_except_block(tmp_path, monkeypatch):
-    from harness import errors, rundir, training
+    from harness import errors, rundir, session
 
     run_dir, refused = tmp_path / "run", []
-    record = training.Run.record
+    record = session.Run.record
 
     def record_and_try_the_lock(self, row):
         record(self, row)
@@ -332,7 +332,7 @@ def test_the_lock_is_held_all_run_also_when_main_is_called_inside_an_except_bloc
         except errors.UsageError:
             refused.append(row["ep"])
 
-    monkeypatch.setattr(training.Run, "record", record_and_try_the_lock)
+    monkeypatch.setattr(session.Run, "record", record_and_try_the_lock)
     try:
         raise KeyError("a caller's own exception, being handled")
     except KeyError:
