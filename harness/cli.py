@@ -85,11 +85,12 @@ def add_checkpoint_overrides(parser, source):
     add_hardware_flags(parser)
 
 
-def check_output(path, flag, overwrite=False, suffixes=None, what="file"):
+def check_output(path, flag, overwrite=False, suffixes=None, what="file", make_folder=True):
     """Refuse, before any work is done, an output that cannot or must not be written: a
     folder where a file goes, a name without a file part, a suffix no writer takes, an
     existing file without `overwrite`, a folder that cannot be made or written. Makes the
-    output's folder if it is missing (as train.py makes --dir). Returns `path`."""
+    output's folder if it is missing (as train.py makes --dir) unless `make_folder` is False,
+    when a missing folder is refused. Returns `path`."""
     if not os.path.basename(path):
         raise errors.UsageError(f"{flag} {path} names a folder; give a {what} name in it, e.g. "
                                 f"{os.path.join(path, 'model')}")
@@ -102,14 +103,17 @@ def check_output(path, flag, overwrite=False, suffixes=None, what="file"):
     if os.path.lexists(path) and not overwrite:
         raise errors.UsageError(f"{flag} {path} exists; choose another name or pass --overwrite")
     folder = os.path.dirname(os.path.abspath(path))
+    if not make_folder and not os.path.isdir(folder):
+        raise errors.UsageError(f"{flag} {path}: the folder {folder} does not exist or is not "
+                                f"writable; create it or choose another {flag}")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise errors.UsageError(f"{flag} {path}: cannot make the folder {folder} "
                                 f"({os.strerror(e.errno)}); choose another {flag}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise errors.UsageError(f"{flag} {path}: the folder {folder} is not writable; choose "
-                                f"another {flag}")
+        raise errors.UsageError(f"{flag} {path}: the folder {folder} does not exist or is not "
+                                f"writable; choose another {flag}")
     return path
 
 

@@ -50,10 +50,13 @@ def names():
 
 
 def canonical_name(name):
-    """The registered spelling of `name` (case-insensitive); ValueError listing the valid names."""
-    by_lower = {key.lower(): key for key in _FACTORIES}
+    """The registered spelling of `name`, read as dataset names are (case, '-' and '_' aside:
+    vgg16-bn is VGG16BN); ValueError listing the valid names."""
+    def key(text):
+        return text.lower().replace("-", "").replace("_", "")
+    by_key = {key(registered): registered for registered in _FACTORIES}
     try:
-        return by_lower[name.lower()]
+        return by_key[key(name)]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}") from None
 

@@ -43,14 +43,7 @@ def check_out(args):
     folder = os.path.dirname(out)
     if out in {os.path.abspath(c) for c in args.checkpoints}:
         raise errors.UsageError(f"--out {args.out} is one of the inputs; write the average elsewhere")
-    if os.path.isdir(out):
-        raise errors.UsageError(f"--out {args.out} is a folder; give a file name, e.g. "
-                                f"{os.path.join(args.out, 'averaged.pdparams')}")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise errors.UsageError(f"--out {args.out}: the folder {folder} does not exist or is not "
-                                "writable; create it or choose another --out")
-    if os.path.exists(out) and not args.overwrite:
-        raise errors.UsageError(f"--out {args.out} exists; choose another path or pass --overwrite")
+    cli.check_output(args.out, "--out", args.overwrite, make_folder=False)
     is_run_dir = rundir.previous_run_files(folder) or os.path.exists(os.path.join(folder, rundir.LOCK))
     return rundir.acquire_lock(folder) if is_run_dir else None
 

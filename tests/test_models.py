@@ -62,3 +62,12 @@ def test_simple_cnn_handles_small_images(channels, size):
     model = models.build("SimpleCNN", num_classes=10, in_channels=channels)
     assert model(paddle.randn([4, channels, size, size])).shape == [4, 10]
     assert _count(model) < 30_000
+
+
+def test_model_names_are_read_as_dataset_names_are():
+    from harness import data
+
+    assert models.canonical_name("vgg16-bn") == models.canonical_name("VGG16_BN") == "VGG16BN"
+    assert data.canonical_name("fashion-mnist") == data.canonical_name("Fashion_MNIST") == "FashionMNIST"
+    with pytest.raises(ValueError, match="unknown model 'VGG17'"):
+        models.canonical_name("VGG17")
