@@ -3,7 +3,8 @@
     errors        the exceptions of bad input and failed runs, and their exit codes
     cli           argument parsing and one-line errors for every entry point
     config        train.py's flags, parsed and checked once into a frozen Config
-    runtime       device, CPU threads, the data-parallel job
+    runtime       the device, CPU threads and math library
+    distributed   the data-parallel job: rank, collectives, failing together
     pickles       reading a pickle as data only (checkpoints, CIFAR batches)
     data          the datasets from their official files, and the batch loader
     checkpoints   the checkpoint: its record, writing, reading and resuming it, rebuilding

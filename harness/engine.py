@@ -48,7 +48,7 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, after_st
         sync_every: steps between reads from the device (1 on CPU, where a read costs nothing).
         on_sync: optional callable(steps_done, sums) at each read; True asks to stop after the
             current step (agreed over all ranks with `context`).
-        context: a runtime.Distributed for data-parallel runs (None: one process); its ranks
+        context: a distributed.Distributed for data-parallel runs (None: one process); its ranks
             agree at every read (stop, non-finite loss) and the sums are all-reduced.
         totals: sums of an interrupted pass to continue from (`local` of its result).
         amp: a `MixedPrecision`: the forward pass under its autocast, the step through its

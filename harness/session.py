@@ -15,7 +15,7 @@ import paddle
 
 import models
 import utils
-from harness import checkpoints, engine, errors, report, rundir, runtime
+from harness import checkpoints, distributed, engine, errors, report, rundir, runtime
 from harness import data as datasets
 
 STEP_SYNC_GPU = 10  # training steps between reads of the loss from a GPU (a CPU reads every step)
@@ -53,7 +53,7 @@ class Start:
 @dataclass
 class Run:
     """What a training run is made of, built once by `setup`; the loop reads and updates it."""
-    env: runtime.Distributed
+    env: distributed.Distributed
     ds: datasets.Data
     train_batches: datasets.Batches
     test_batches: datasets.Batches
@@ -245,7 +245,7 @@ def build_run(config, env, plan, device, ckpt=None):
 def setup(config, command):
     """Build the run on every rank and restore --resume; returns (run, Start), or (None,
     message) when the run in --dir is already finished."""
-    env = runtime.distributed_from_env()
+    env = distributed.distributed_from_env()
     device = runtime.select_device(config.device, env.gpu_id)
     if config.amp:
         check_amp(config.amp, config.amp_dtype, device)
