@@ -1,4 +1,5 @@
-"""The checkpoint: its schema, writing and reading it, and rebuilding what it was trained with.
+"""The checkpoint: its record, writing and reading it, resuming a run from it, and rebuilding
+what it was trained with.
 
     >>> record = Checkpoint(epoch=10, state_dict=model.state_dict(),
     ...                     optimizer=optimizer.state_dict(), **swa.state_dict())

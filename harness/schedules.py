@@ -1,4 +1,4 @@
-"""Learning-rate schedules of SWA and when to average: pure functions of their arguments.
+"""Learning rates, and when to average, evaluate and reseed: pure functions of where training is.
 
     >>> [learning_rate("linear", e, 0, 100, 0.1, 200, swa_start=161, swa_lr=0.05) for e in (0, 100, 150)]
     [0.1, 0.08486024844720498, 0.05]
