@@ -15,7 +15,7 @@ import harness
 
 harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 from harness import checkpoints, cli, errors  # noqa: E402
-from harness import evaluation as scoring  # noqa: E402
+from harness import scoring  # noqa: E402
 
 EXAMPLES = """examples:
   python eval.py --model_path runs/digits/checkpoint-60.pdparams

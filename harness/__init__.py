@@ -11,7 +11,7 @@
                   what it was trained with
     session       one training run's state (Run), built and restored once by setup
     engine        one training pass and one evaluation pass
-    evaluation    scores (accuracy, NLL, ECE), predictions, SWAG's model average, reliability plots
+    scoring       scores (accuracy, NLL, ECE), predictions, SWAG's model average, reliability plots
     schedules     learning rates, averaging and evaluation epochs, step seeds: pure functions
     rundir        a run directory: one run, one writer, its record
     report        the epoch table, metrics.csv, VisualDL, the convergence plot

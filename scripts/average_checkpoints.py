@@ -20,7 +20,7 @@ import harness  # noqa: E402
 harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 import utils  # noqa: E402
 from harness import checkpoints, cli, errors, rundir  # noqa: E402
-from harness import evaluation as scoring  # noqa: E402
+from harness import scoring  # noqa: E402
 
 
 def build_parser():

@@ -27,7 +27,7 @@ import paddle  # noqa: E402
 
 from harness import checkpoints, cli, errors  # noqa: E402
 from harness import data as datasets  # noqa: E402
-from harness import evaluation as scoring  # noqa: E402
+from harness import scoring  # noqa: E402
 
 
 class Normalized(paddle.nn.Layer):

@@ -11,7 +11,7 @@ import pytest
 
 from harness import checkpoints
 import eval as evaluation
-from harness import evaluation as scoring
+from harness import scoring
 import train
 from helpers import one_line_error, run_main, snapshot_dir, write_cifar10, write_mnist
 
