@@ -1,4 +1,6 @@
-"""A run directory holds one run: resume checks, one writer, bad inputs refused before writing."""
+"""A run directory holds one run: a checkpoint of another run or other defining flags refused,
+one writer, flags that would do nothing and bad flags or data refused before the directory is
+made, mid-epoch checkpoint names, a closed stdout, a full disk, temporary files."""
 import os
 import resource
 import signal
@@ -21,7 +23,7 @@ RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "3", "--swa", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished runs of the same flags but another seed, and one on MNIST-shaped digits."""
+    """Two finished runs of the same flags, the second with another seed."""
     base = tmp_path_factory.mktemp("runs")
     for name, extra in (("a", []), ("b", ["--seed", "2"])):
         assert run_main(train.main, *RUN, *extra, "--dir", base / name).returncode == 0
