@@ -177,6 +177,7 @@ def test_compare_trains_swa_for_one_and_a_half_budgets():
     assert compare.eval_commands(args, "swa1.5", 1, "cpu")[0][1][3].endswith("checkpoint-90.pdparams")
 
 
+@pytest.mark.slow
 def test_compare_script_reports_every_method_with_eval_scores(tmp_path):
     out_dir = tmp_path / "cmp"
     result = run_script(os.path.join("scripts", "compare.py"), "--seeds", 1, "--epochs", 3,

@@ -104,6 +104,7 @@ def test_the_ensemble_is_the_mean_of_its_snapshots_probabilities(fge_run):
     assert f"accuracy {accuracy:.4f}%  NLL {nll:.4f}" in of.stdout
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_cycle_resumes_bit_identically_with_the_same_snapshots(fge_run, tmp_path):
     run_dir = tmp_path / "run"
     killed = run_script(os.path.join("tests", "interrupt.py"), "step", 80, "KILL", *FGE, "--dir", run_dir)

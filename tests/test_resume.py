@@ -32,12 +32,17 @@ VARIANTS = {"swa": [], "swag": ["--swag", "--swag_rank", "2"],
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """Uninterrupted runs: plain SWA, with SWAG, with a warmed-up EMA, with a validation split."""
-    base = tmp_path_factory.mktemp("resume")
-    for name, extra in VARIANTS.items():
-        result = run_main(train.main, *RUN, *extra, "--dir", base / name)
-        assert result.returncode == 0, result.stderr[-2000:]
-    return base
+    """The uninterrupted run of a variant (plain SWA, with SWAG, with a warmed-up EMA, with a
+    validation split), made when first asked for: finished("swa") is its folder."""
+    base, done = tmp_path_factory.mktemp("resume"), set()
+
+    def run(variant):
+        if variant not in done:
+            result = run_main(train.main, *RUN, *VARIANTS[variant], "--dir", base / variant)
+            assert result.returncode == 0, result.stderr[-2000:]
+            done.add(variant)
+        return base / variant
+    return run
 
 
 def _numpy_ema(models, decay):
@@ -79,7 +84,7 @@ def test_an_ema_run_with_warmup_averages_each_step_with_timms_warmed_up_decay(tm
 
 @pytest.fixture(scope="module")
 def uninterrupted(finished):
-    return finished / "swa"
+    return finished("swa")
 
 
 def test_same_seed_twice_gives_identical_weights(uninterrupted, tmp_path):
@@ -92,18 +97,21 @@ def test_same_seed_twice_gives_identical_weights(uninterrupted, tmp_path):
                               _weights(tmp_path / "seed2")["swa_state_dict/fc.weight"])
 
 
+SLOW = pytest.mark.slow  # one case stays in the everyday selection (-m "not slow")
+
+
 @pytest.mark.parametrize("point, nth, sig, extra, variant", [
     ("step", 25, "KILL", [], "swa"),                      # mid-epoch 3, while preparing a batch
-    ("save", 3, "KILL", [], "swa"),                       # half of checkpoint-2 on disk
-    ("bn", 2, "KILL", [], "swa"),                         # inside the second BatchNorm refresh
-    ("step", 30, "TERM", ["--num_workers", "2"], "swa"),  # graceful stop mid-epoch, worker threads
-    ("bn", 1, "INT", [], "swa"),                          # Ctrl-C during a refresh
-    ("step", 40, "TERM", [], "swag"),                     # SWAG statistics mid-run
-    ("step", 40, "KILL", [], "ema"),                      # an EMA updated every step
-    ("step", 30, "KILL", [], "val"),                      # a validation split
+    pytest.param("save", 3, "KILL", [], "swa", marks=SLOW),     # half of checkpoint-2 on disk
+    pytest.param("bn", 2, "KILL", [], "swa", marks=SLOW),       # inside the second BatchNorm refresh
+    pytest.param("step", 30, "TERM", ["--num_workers", "2"], "swa", marks=SLOW),  # worker threads
+    pytest.param("bn", 1, "INT", [], "swa", marks=SLOW),        # Ctrl-C during a refresh
+    pytest.param("step", 40, "TERM", [], "swag", marks=SLOW),   # SWAG statistics mid-run
+    pytest.param("step", 40, "KILL", [], "ema", marks=SLOW),    # an EMA updated every step
+    pytest.param("step", 30, "KILL", [], "val", marks=SLOW),    # a validation split
 ])
 def test_interrupted_run_resumes_bit_identically(finished, tmp_path, point, nth, sig, extra, variant):
-    uninterrupted = finished / variant
+    uninterrupted = finished(variant)
     extra = extra + VARIANTS[variant]
     run_dir = tmp_path / "run"
     killed = run_script(os.path.join("tests", "interrupt.py"), point, nth, sig, *RUN, *extra,
@@ -175,6 +183,7 @@ def test_resume_auto_in_an_empty_dir_starts_fresh(uninterrupted, tmp_path):
     _assert_identical(_weights(uninterrupted), _weights(tmp_path / "fresh"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_carrying_paddle_generator_states_of_another_device_set_resumes_bit_identically(
         uninterrupted, tmp_path):
     import paddle

@@ -105,6 +105,7 @@ def test_resuming_an_older_checkpoint_asks_before_discarding_later_ones(runs, tm
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
 
 
+@pytest.mark.slow
 def test_two_writers_one_refused_and_a_killed_writer_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "run"
     slow = start([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--epochs", "400",
@@ -287,6 +288,7 @@ def test_a_mid_epoch_checkpoint_is_called_so_and_step_files_go_once_superseded(t
     assert not [n for n in os.listdir(run_dir) if "-step" in n]
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     command = " ".join([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--dir",
                         str(tmp_path / "run"), "| head -2; exit ${PIPESTATUS[0]}"])
