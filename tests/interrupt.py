@@ -1,11 +1,12 @@
-"""Run train.py and interrupt it at a chosen point (test helper, not part of the project).
+"""Run train.py in this process and signal it at a chosen point (a helper of the tests).
 
     python tests/interrupt.py <point> <n> <signal> train.py-args...
 
-point: "step" (while preparing the n-th training batch of the run), "save" (during the
-n-th checkpoint write, after half the file is on disk), "bn" (after the first batch of
-the n-th BatchNorm refresh) or "plot" (while the n-th figure is being written). signal: KILL,
-TERM or INT.
+point: "step" (as the training loader assembles its n-th batch in this process; with
+--num_workers, batches are assembled ahead of the steps using them), "save" (at the n-th
+paddle.save, of a checkpoint or an FGE snapshot, once its temporary file is cut to half),
+"bn" (when the n-th BatchNorm refresh asks for its second batch) or "plot" (at the n-th
+figure written, a PNG signature already in the file). signal: KILL, TERM or INT.
 """
 import os
 import signal

@@ -20,10 +20,31 @@ except ImportError:
 BASE = ["--dataset", "digits", "--model", "SimpleCNN", "--no_visualdl"]
 
 
-def test_help_documents_amp_and_the_validation_split():
+def _help_entries(text):
+    """{"--flag METAVAR": its description, wrapped lines joined} of --help's option lists
+    (not the usage line, which names every flag without describing it)."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (--\S+(?: \S+)?)(?:  +(.*))?$", line)
+        if match:
+            current = match.group(1)
+            entries[current] = match.group(2) or ""
+        elif current and line.startswith("     "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+def test_help_describes_amp_and_the_validation_split_with_their_defaults():
     result = run_main(train.main, "--help")
-    for flag in ("--amp {O1,O2}", "--amp_dtype {float16,bfloat16}", "--val_size N"):
-        assert flag in result.stdout
+    assert result.returncode == 0
+    entries = _help_entries(result.stdout)
+    for flag, words, default in [("--amp {O1,O2}", "mixed precision", "None, float32"),
+                                 ("--amp_dtype {float16,bfloat16}", "half-precision type", "float16"),
+                                 ("--val_size N", "hold out N training images", "0")]:
+        assert flag in entries, f"--help has no entry for {flag}"
+        assert words in entries[flag] and entries[flag].endswith(f"(default: {default})"), entries[flag]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this Paddle has a GPU, where --amp runs")

@@ -205,6 +205,7 @@ def small_checkpoint(tmp_path_factory):
     return (run_dir / "checkpoint-1.pdparams").read_bytes()
 
 
+@pytest.mark.slow
 def test_mangled_checkpoints_load_or_give_one_error(small_checkpoint, tmp_path, deadline):
     path = str(tmp_path / "m.pdparams")
     outcomes = {"loaded": 0, "refused": 0}

@@ -12,6 +12,8 @@ from harness import checkpoints
 from harness import report
 from helpers import checkpoint_tensors, finish, free_port, launch, metrics_rows, run_script, start
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "4", "--swa", "--swa_start", "2",
        "--swa_lr", "0.05", "--eval_freq", "2", "--swag", "--swag_rank", "2"]
 

@@ -1,6 +1,6 @@
-"""Fast Geometric Ensembling (train.py --fge, eval.py --ensemble/--ensemble_of): the schedule
-against its formula, the snapshots, the ensemble against probabilities averaged in numpy, and
-a resume after SIGKILL mid-cycle."""
+"""Fast Geometric Ensembling (train.py --fge, eval.py --ensemble/--ensemble_of): the rate
+against the authors' worked out by hand, the snapshots, the ensemble against probabilities
+averaged in numpy, and a resume after SIGKILL mid-cycle."""
 import os
 import re
 
@@ -19,18 +19,41 @@ FGE = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "12", "--swa_s
        "--no_visualdl"]
 
 
-def _triangle(epoch1, i, steps, start, c, lr1, lr2):
-    """The authors' rate for 1-based epoch e > start, iteration i of steps (the issue's formula)."""
-    t = (((epoch1 - 1 - start) % c) + i / steps) / c
-    return (1 - 2 * t) * lr1 + 2 * t * lr2 if t < 0.5 else (2 * t - 1) * lr1 + (2 - 2 * t) * lr2
+# The authors' rate (dnn-mode-connectivity, fge.py): within a cycle of c epochs, at iteration i
+# of I of the cycle's epoch e (0-based), t = (e + i / I) / c and the rate is
+# (1 - 2t) lr1 + 2t lr2 for t <= 1/2, (2 - 2t) lr2 + (2t - 1) lr1 after. Worked out by hand
+# for cycles starting at 0-based epoch 6 (--swa_start 6).
+CYCLE_2 = [  # c = 2, I = 4 iterations, lr1 = 0.05, lr2 = 0.01
+    (6, 0, 0.05),   # t = 0:   lr1
+    (6, 1, 0.04),   # t = 1/8: 0.75 * 0.05 + 0.25 * 0.01 = 0.0375 + 0.0025
+    (6, 2, 0.03),   # t = 1/4: 0.5 * 0.05 + 0.5 * 0.01
+    (6, 3, 0.02),   # t = 3/8: 0.25 * 0.05 + 0.75 * 0.01 = 0.0125 + 0.0075
+    (7, 0, 0.01),   # t = 1/2: lr2, the midpoint
+    (7, 1, 0.02),   # t = 5/8: 0.75 * 0.01 + 0.25 * 0.05
+    (7, 2, 0.03),   # t = 3/4: 0.5 * 0.01 + 0.5 * 0.05
+    (7, 3, 0.04),   # t = 7/8: 0.25 * 0.01 + 0.75 * 0.05
+    (8, 0, 0.05),   # the next cycle: t = 0 again
+    (9, 2, 0.03),   # t = 3/4, as at epoch 7
+]
+CYCLE_3 = [  # c = 3, I = 2 iterations, lr1 = 0.07, lr2 = 0.01
+    (6, 0, 0.07),   # t = 0
+    (6, 1, 0.05),   # t = 1/6: (2/3) 0.07 + (1/3) 0.01 = 0.15 / 3
+    (7, 0, 0.03),   # t = 1/3: (1/3) 0.07 + (2/3) 0.01 = 0.09 / 3
+    (7, 1, 0.01),   # t = 1/2: lr2, inside the cycle's middle epoch
+    (8, 0, 0.03),   # t = 2/3: (2/3) 0.01 + (1/3) 0.07
+    (8, 1, 0.05),   # t = 5/6: (1/3) 0.01 + (2/3) 0.07
+    (9, 0, 0.07),   # the next cycle
+]
 
 
-@pytest.mark.parametrize("cycle", [2, 3, 4])
-def test_the_rate_is_the_triangle_of_the_formula(cycle):
-    for epoch1 in range(7, 7 + 2 * cycle):
-        for i in range(0, 12, 3):
-            assert schedules.fge_lr(epoch1 - 1, i, 12, 6, cycle, 0.05, 0.005) == pytest.approx(
-                _triangle(epoch1, i, 12, 6, cycle, 0.05, 0.005), rel=1e-12)
+@pytest.mark.parametrize("epoch, i, rate", CYCLE_2)
+def test_the_rate_over_a_two_epoch_cycle_is_the_authors_triangle(epoch, i, rate):
+    assert schedules.fge_lr(epoch, i, 4, 6, 2, 0.05, 0.01) == pytest.approx(rate, rel=1e-12)
+
+
+@pytest.mark.parametrize("epoch, i, rate", CYCLE_3)
+def test_the_rate_over_an_odd_cycle_is_the_authors_triangle(epoch, i, rate):
+    assert schedules.fge_lr(epoch, i, 2, 6, 3, 0.07, 0.01) == pytest.approx(rate, rel=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +104,7 @@ def test_the_ensemble_is_the_mean_of_its_snapshots_probabilities(fge_run):
     assert f"accuracy {accuracy:.4f}%  NLL {nll:.4f}" in of.stdout
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_cycle_resumes_bit_identically_with_the_same_snapshots(fge_run, tmp_path):
     run_dir = tmp_path / "run"
     killed = run_script(os.path.join("tests", "interrupt.py"), "step", 80, "KILL", *FGE, "--dir", run_dir)

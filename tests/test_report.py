@@ -126,7 +126,7 @@ def test_a_full_disk_while_plotting_leaves_no_partial_image_and_names_it(tmp_pat
     assert _leftovers(run_dir) == []
 
 
-@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+@pytest.mark.parametrize("sig, code", [pytest.param("INT", 130, marks=pytest.mark.slow), ("TERM", 143)])
 def test_a_signal_while_the_plot_is_written_leaves_no_image_and_resume_draws_it(tmp_path, sig, code):
     run_dir = tmp_path / "run"
     flags = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", 2, "--no_visualdl"]
@@ -147,6 +147,7 @@ def test_help_is_grouped_with_defaults_and_an_example():
     assert "(default: 161)" in text and text.rstrip().splitlines()[-1].startswith("  python train.py")
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -1,4 +1,6 @@
-"""A run directory holds one run: resume checks, one writer, bad inputs refused before writing."""
+"""A run directory holds one run: a checkpoint of another run or other defining flags refused,
+one writer, flags that would do nothing and bad flags or data refused before the directory is
+made, mid-epoch checkpoint names, a closed stdout, a full disk, temporary files."""
 import os
 import resource
 import signal
@@ -21,7 +23,7 @@ RUN = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "3", "--swa", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished runs of the same flags but another seed, and one on MNIST-shaped digits."""
+    """Two finished runs of the same flags, the second with another seed."""
     base = tmp_path_factory.mktemp("runs")
     for name, extra in (("a", []), ("b", ["--seed", "2"])):
         assert run_main(train.main, *RUN, *extra, "--dir", base / name).returncode == 0
@@ -103,6 +105,7 @@ def test_resuming_an_older_checkpoint_asks_before_discarding_later_ones(runs, tm
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
 
 
+@pytest.mark.slow
 def test_two_writers_one_refused_and_a_killed_writer_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "run"
     slow = start([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--epochs", "400",
@@ -285,6 +288,7 @@ def test_a_mid_epoch_checkpoint_is_called_so_and_step_files_go_once_superseded(t
     assert not [n for n in os.listdir(run_dir) if "-step" in n]
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     command = " ".join([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--dir",
                         str(tmp_path / "run"), "| head -2; exit ${PIPESTATUS[0]}"])
