@@ -106,8 +106,7 @@ class Config:
         do nothing in it (a run of an older version may have recorded any value there, which
         a resume could not repeat now)."""
         idle = {flag for flag, (_, _, active) in NEEDS.items() if not active(self)}
-        return tuple(f.name for f in dataclasses.fields(self)
-                     if f.metadata["role"] == "identity" and f.name not in idle)
+        return tuple(name for name in IDENTITY if name not in idle)
 
     def differences(self, recorded):
         """`--flag (run: X, now: Y)` for each flag that defines this run and differs from
@@ -115,6 +114,10 @@ class Config:
         recorded = dict(LEGACY, **recorded)
         return [f"--{name} (run: {_shown(recorded.get(name))}, now: {_shown(getattr(self, name))})"
                 for name in self.identity() if recorded.get(name) != getattr(self, name)]
+
+
+# The flags that define a run (a resume with one changed is refused), in the Config's order.
+IDENTITY = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["role"] == "identity")
 
 
 def _shown(value):
