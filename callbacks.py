@@ -13,7 +13,7 @@ import weakref
 import paddle
 
 import utils
-from harness import checkpoints, schedules
+from harness import checkpoints, engine, runtime, schedules
 
 
 class SWACallback(paddle.callbacks.Callback):
@@ -70,9 +70,7 @@ class SWACallback(paddle.callbacks.Callback):
         super().__init__()
         self.schedule = schedules.SWASchedule(swa_start, swa_lr, swa_freq, lr_schedule,
                                               anneal_epochs, anneal_strategy)
-        if ema_decay is not None and not (isinstance(ema_decay, numbers.Real)
-                                          and 0 <= ema_decay < 1):
-            raise ValueError(f"ema_decay must be None or in [0, 1), got {ema_decay!r}")
+        utils.check_ema_decay(ema_decay)
         counts = dict(bn_batch_size=(bn_batch_size, 1), steps_per_epoch=(steps_per_epoch, 1),
                       ema_every_n_steps=(ema_every_n_steps, 1), ema_start_step=(ema_start_step, 0))
         for name, (value, minimum) in counts.items():
@@ -230,8 +228,9 @@ class SWACallback(paddle.callbacks.Callback):
         network = self.model.network
         self.sgd_state = _copy_state(network)
         if self.bn_data is not False and utils.batch_norm_layers(network):
-            distributed = paddle.distributed.get_world_size() > 1
-            self.swa.bn_update(self._bn_batches(distributed), distributed=distributed)
+            context = runtime.Distributed(paddle.distributed.get_rank(),
+                                          paddle.distributed.get_world_size())
+            engine.bn_update(self._bn_batches(context.enabled), self.swa, context)
         utils.load_state_dict(network, self.swa.model.state_dict(), "the average")
         self._fit["ended"] = True
 

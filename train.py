@@ -76,7 +76,7 @@ def train_loop(run, start, stop):
         if run.average == "swa" and averaged:
             swa.update(run.model)
         if swa and swa.n and (averaged and evaluate or epoch + 1 == args.epochs):
-            swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
+            engine.bn_update(run.refresh_batches(epoch), swa, run.env)
             row.update(training.eval_columns(run, swa.model, run.average))
         if swa is not None:  # updated or refreshed since the check above: check before saving
             check_weights(run, epoch, sgd=False)
