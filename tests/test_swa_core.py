@@ -86,6 +86,47 @@ def test_moving_average_weights_and_refuses_other_architectures():
         utils.moving_average(a, models.build("SimpleCNN", num_classes=5), 0.5)
 
 
+def test_an_optimizers_in_place_steps_between_updates_are_averaged():
+    # The optimizer writes the weights in place (their storage stays): each update must read
+    # the values of that moment, not those of the first update.
+    rng = np.random.default_rng(15)
+    model = models.build("SimpleCNN", num_classes=3, in_channels=1)
+    optimizer = paddle.optimizer.Momentum(0.5, parameters=model.parameters())
+    swa, snapshots, pointers = utils.SWA(model), [], _pointers(model)
+    for _ in range(4):
+        x = paddle.to_tensor(rng.standard_normal((8, 1, 8, 8)).astype("float32"))
+        paddle.nn.functional.cross_entropy(model(x), paddle.to_tensor(rng.integers(0, 3, 8))).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        snapshots.append(_snapshot(model))
+        swa.update(model)
+    assert _pointers(model) == pointers  # in place indeed
+    assert not np.allclose(snapshots[0]["fc.weight"], snapshots[-1]["fc.weight"])
+    _assert_mean(swa, snapshots)
+
+
+@pytest.mark.parametrize("change", ["loaded", "cast and cast back"])
+def test_an_average_changed_by_the_user_between_updates_goes_on_from_its_new_values(change):
+    rng = np.random.default_rng(16)
+    model = models.build("SimpleCNN", num_classes=3)
+    swa = utils.SWA(model, ema_decay=0.5)
+    _feed(swa, model, rng, 2)
+    if change == "loaded":  # written into the average's own tensors
+        other = models.build("SimpleCNN", num_classes=3)
+        _randomise(other, rng)
+        utils.load_state_dict(swa.model, other.state_dict())
+    else:  # every tensor of the average gets new storage
+        pointers = _pointers(swa.model)
+        swa.model.to(dtype="float16")
+        swa.model.to(dtype="float32")
+        assert set(_pointers(swa.model).values()).isdisjoint(pointers.values())
+    expected = _snapshot(swa.model)
+    for now in _feed(swa, model, rng, 2):
+        expected = {k: 0.5 * expected[k] + 0.5 * now[k] for k in now}
+    for key, value in _snapshot(swa.model).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_model_cast_to_float16_after_an_update_is_followed_and_left_float16():
     rng = np.random.default_rng(2)
     model = models.build("SimpleCNN", num_classes=3)
