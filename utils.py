@@ -17,11 +17,12 @@ What is here, in this order: `moving_average` (the plain update), `SWA` (equal a
 EMA, held in float32) and `check_ema_decay`, `SWAG` (SWA-Gaussian: a Gaussian over the
 weights to sample models from), `bn_update`, three helpers other code needs
 (`batch_norm_layers`, `batch_norm_statistics`, `load_state_dict`), then the tensor pairing.
-Only Paddle's public tensor operations, one tensor at a time, as torch's swa_utils does
-without its foreach kernels. Nothing here parses arguments, prints, touches files or talks to
-other processes (a data-parallel job averages the refreshed statistics over its ranks
-itself). The average never changes the model it reads: no tensor of it is moved, cast or
-re-pointed.
+The update is Paddle's public lerp_, one tensor at a time, as torch's swa_utils without its
+foreach kernels (docs/performance.md says why there is no multi-tensor path); the refresh
+reads the BatchNorm layers' statistics and momentum, which Paddle keeps in attributes of its
+own. Nothing here parses arguments, prints, touches files or talks to other processes (a
+data-parallel job averages the refreshed statistics over its ranks itself). The average
+never changes the model it reads: no tensor of it is moved, cast or re-pointed.
 """
 import contextlib
 import copy
@@ -445,6 +446,78 @@ def bn_update(loader, model):
     return seen
 
 
+def batch_norm_layers(model):
+    """The BatchNorm layers of `model` whose running statistics `bn_update` recomputes.
+
+    Args:
+        model: a Layer (a DataParallel wrapper is fine).
+
+    Returns:
+        Its BatchNorm layers of every variant (1D/2D/3D, the old BatchNorm, SyncBatchNorm)
+        except those told to always use their stored statistics (use_global_stats), in
+        the order of `sublayers()`.
+
+    Example:
+        >>> if batch_norm_layers(model): bn_update(train_loader, model)
+    """
+    return [layer for layer in _unwrap(model).sublayers(include_self=True)
+            if _is_batch_norm(layer) and not getattr(layer, "_use_global_stats", False)]
+
+
+def batch_norm_statistics(model):
+    """The running statistics that `bn_update` recomputes, e.g. to average them over processes.
+
+    Args:
+        model: a Layer (a DataParallel wrapper is fine).
+
+    Returns:
+        The running mean and variance tensors (the layers' own, not copies) of each of
+        `batch_norm_layers(model)`, in order: [mean_1, variance_1, mean_2, ...].
+
+    Example:
+        >>> saved = [t.clone() for t in batch_norm_statistics(model)]
+    """
+    return [t for layer in batch_norm_layers(model) for t in (layer._mean, layer._variance)]
+
+
+def load_state_dict(model, state, source="state dict"):
+    """Copy `state` (name -> tensor or array) into `model`, requiring the same names and shapes;
+    each value is cast to the dtype of the tensor it goes into. Paddle's own set_state_dict
+    skips mismatches with a warning; this refuses them.
+
+    Args:
+        model: the Layer to load into (a DataParallel wrapper is fine).
+        state: a state dict, e.g. `other.state_dict()` or one read with paddle.load.
+        source: what `state` is, for the error message.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ValueError: names or shapes differ; the message names the first difference.
+
+    Example:
+        >>> load_state_dict(model, swa.model.state_dict(), "the average")
+    """
+    tensors = dict(_unwrap(model).state_dict())
+    missing = [k for k in tensors if k not in state]
+    unexpected = [k for k in state if k not in tensors]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: {len(missing)} missing "
+                         f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    with paddle.no_grad():
+        for key, target in tensors.items():
+            value = state[key]
+            if list(value.shape) != list(target.shape):
+                raise ValueError(f"{source} does not match the model: {key} has shape "
+                                 f"{list(value.shape)}, the model {list(target.shape)}")
+            value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
+            if str(value.place) != str(target.place):
+                value = value.to(target.place)
+            _assign(target, value)
+    return model
+
+
 def _batch_input(batch, place):
     """A batch's input as a tensor on `place` (the refreshed model's: an average kept on
     another device than the data is refreshed where it is). A batch is `x` or a list or tuple
@@ -516,53 +589,6 @@ def _local_batch_norm(layer, x):
     return paddle.nn.functional.batch_norm(
         x, layer._mean, layer._variance, weight=layer.weight, bias=layer.bias, training=True,
         momentum=layer._momentum, epsilon=layer._epsilon, data_format=layer._data_format)
-
-
-def batch_norm_layers(model):
-    """The BatchNorm layers of `model` (all variants) whose running statistics a refresh
-    recomputes: those not told to always use their stored statistics (use_global_stats)."""
-    return [layer for layer in _unwrap(model).sublayers(include_self=True)
-            if _is_batch_norm(layer) and not getattr(layer, "_use_global_stats", False)]
-
-
-def batch_norm_statistics(model):
-    """The running mean and variance tensors of `batch_norm_layers(model)`, in order."""
-    return [t for layer in batch_norm_layers(model) for t in (layer._mean, layer._variance)]
-
-
-def load_state_dict(model, state, source="state dict"):
-    """Copy `state` (name -> tensor or array) into `model`, requiring the same names and shapes;
-    each value is cast to the dtype of the tensor it goes into. Paddle's own set_state_dict
-    skips mismatches with a warning; this refuses them.
-
-    Args:
-        model: the Layer to load into (a DataParallel wrapper is fine).
-        state: a state dict, e.g. `other.state_dict()` or one read with paddle.load.
-        source: what `state` is, for the error message.
-
-    Returns:
-        `model`.
-
-    Raises:
-        ValueError: names or shapes differ; the message names the first difference.
-    """
-    tensors = dict(_unwrap(model).state_dict())
-    missing = [k for k in tensors if k not in state]
-    unexpected = [k for k in state if k not in tensors]
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model: {len(missing)} missing "
-                         f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-    with paddle.no_grad():
-        for key, target in tensors.items():
-            value = state[key]
-            if list(value.shape) != list(target.shape):
-                raise ValueError(f"{source} does not match the model: {key} has shape "
-                                 f"{list(value.shape)}, the model {list(target.shape)}")
-            value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
-            if str(value.place) != str(target.place):
-                value = value.to(target.place)
-            _assign(target, value)
-    return model
 
 
 # --------------------------------------------------------------------------- tensors
