@@ -4,6 +4,11 @@
     >>> model.fit(train_dataset, epochs=20, batch_size=64, callbacks=[swa])
     >>> model.evaluate(test_dataset)          # the averaged weights
     >>> swa.restore_sgd()                     # back to the last SGD weights
+
+`SWACallback` conducts; each part below it has one job: `_save_and_load_with` (the callback's
+state beside model.save/load), `_Rates` (the learning rates set during fit and the user's put
+back), `_OptimizerSteps` (which steps update an EMA), `_EvalSwap` (the average in the network
+while fit evaluates) and `_refresh_batches` (the data of the final BatchNorm refresh).
 """
 import numbers
 import os
@@ -13,7 +18,7 @@ import weakref
 import paddle
 
 import utils
-from harness import checkpoints, schedules
+from harness import checkpoints, distributed, engine, schedules
 
 
 class SWACallback(paddle.callbacks.Callback):
@@ -70,9 +75,7 @@ class SWACallback(paddle.callbacks.Callback):
         super().__init__()
         self.schedule = schedules.SWASchedule(swa_start, swa_lr, swa_freq, lr_schedule,
                                               anneal_epochs, anneal_strategy)
-        if ema_decay is not None and not (isinstance(ema_decay, numbers.Real)
-                                          and 0 <= ema_decay < 1):
-            raise ValueError(f"ema_decay must be None or in [0, 1), got {ema_decay!r}")
+        utils.check_ema_decay(ema_decay)
         counts = dict(bn_batch_size=(bn_batch_size, 1), steps_per_epoch=(steps_per_epoch, 1),
                       ema_every_n_steps=(ema_every_n_steps, 1), ema_start_step=(ema_start_step, 0))
         for name, (value, minimum) in counts.items():
@@ -86,7 +89,7 @@ class SWACallback(paddle.callbacks.Callback):
             else evaluate_average
         self.average_statistics, self.device = average_statistics, device
         self.swa, self.sgd_state = None, None
-        self._left = None           # (optimizer, the rates it was left at, the user's rates)
+        self._rates, self._swap = _Rates(), _EvalSwap()
         self._pending = None        # state read by model.load, used by the next fit
         self._fit = None            # what belongs to the fit under way (or the last one)
 
@@ -98,42 +101,21 @@ class SWACallback(paddle.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        if getattr(model.save, "_swa_callback", None) is self:
-            return
-        save, load = model.save, model.load
+        _save_and_load_with(model, self, lambda: self.state_dict() if self.swa is not None else None,
+                            self._receive)
 
-        def save_with_swa(path, training=True):
-            save(path, training)
-            if training and self.swa is not None:
-                checkpoints.atomic_save(self.state_dict(), path + ".swa")
-
-        def load_with_swa(path, skip_mismatch=False, reset_optimizer=False):
-            # Paddle's Model.load unpickles these files with pickle.load, which can run code:
-            # each is first read with our data-only reader, which refuses anything else.
-            # The files as Paddle names them (it strips these suffixes), each checked if it
-            # exists at all: read_file refuses a folder or a pipe that Paddle would open.
-            root, suffix = os.path.splitext(path)
-            base = root if suffix in (".pdparams", ".pdopt", ".pdmodel") else path
-            for suffix in (".pdparams",) + (() if reset_optimizer else (".pdopt",)) + (".pdscaler",):
-                if os.path.lexists(base + suffix):
-                    checkpoints.read_file(base + suffix, "saved model")
-            result = load(path, skip_mismatch, reset_optimizer)
-            state_path = path + ".swa"
-            self._pending = (checkpoints.read_file(state_path, "SWA state")
-                             if os.path.isfile(state_path) else None)
-            return result
-
-        save_with_swa._swa_callback = load_with_swa._swa_callback = self
-        model.save, model.load = save_with_swa, load_with_swa
+    def _receive(self, state):
+        self._pending = state
 
     def state_dict(self):
         """The average, the epochs and optimizer steps done, the schedule's position and,
         once fit has put the average in the network, the last SGD weights: for `<path>.swa`."""
         fit = self._fit or {}
+        steps = fit.get("optimizer_steps")
         return {"swa": self.swa.state_dict(), "epochs_done": fit.get("epoch", -1) + 1,
                 "swa_start": fit.get("swa_start"), "steps_per_epoch": fit.get("steps"),
                 "rates": fit.get("rates"), "ema_decay": self.ema_decay,
-                "optimizer_steps": fit.get("optimizer_steps", 0),
+                "optimizer_steps": steps.done if steps else 0,
                 "sgd_state": self.sgd_state if fit.get("ended") else None}
 
     # ----------------------------------------------------------------- one fit
@@ -148,7 +130,7 @@ class SWACallback(paddle.callbacks.Callback):
                                                                numbers.Real):
             raise ValueError("SWACallback sets the learning rate itself (swa_lr): give the "
                              "optimizer a float learning rate, not an LRScheduler")
-        configured = self._configured_rates(optimizer)
+        configured = self._rates.configured(optimizer)
         pending, self._pending = self._pending or {}, None
         if pending.get("sgd_state") is not None:  # a checkpoint saved after fit: train on from SGD
             utils.load_state_dict(network, pending["sgd_state"], "the SGD weights")
@@ -169,8 +151,10 @@ class SWACallback(paddle.callbacks.Callback):
                 swa_start - self.schedule.swa_freq <= done:
             raise ValueError("lr_schedule='cyclic' needs the number of batches per epoch from "
                              "the first epoch on, and the data has no length: pass steps_per_epoch")
+        optimizer_steps = _OptimizerSteps(self.ema["every"], self.ema["start"],
+                                          int(pending.get("optimizer_steps", 0)))
         self._fit = dict(offset=done, epoch=done - 1, swa_start=swa_start, steps=steps, counted=0,
-                         rates=rates, optimizer_steps=int(pending.get("optimizer_steps", 0)),
+                         rates=rates, optimizer_steps=optimizer_steps,
                          batch_size=self.bn_batch_size, ended=False)
         self.swa = utils.SWA(network, ema_decay=self.ema_decay, ema_warmup=self.ema["warmup"],
                              average_statistics=self.average_statistics, device=self.device)
@@ -192,12 +176,8 @@ class SWACallback(paddle.callbacks.Callback):
             ranks = max(paddle.distributed.get_world_size(), 1)  # fit logs the total over ranks
             fit["batch_size"] = int(logs["batch_size"]) // ranks
         accumulate = getattr(self.model, "_accumulate", 1) or 1  # fit's accumulate_grad_batches
-        if (step + 1) % accumulate and step + 1 != self.params.get("steps"):
-            return  # gradients accumulated, no optimizer step yet
-        index = fit["optimizer_steps"]  # 0-based index of this optimizer step, as Lightning's
-        fit["optimizer_steps"] += 1
-        if self.ema_decay is not None and fit["epoch"] + 1 >= fit["swa_start"] and \
-                index >= self.ema["start"] and index % self.ema["every"] == 0:
+        ema_step = fit["optimizer_steps"].after_batch(step, accumulate, self.params.get("steps"))
+        if ema_step and self.ema_decay is not None and fit["epoch"] + 1 >= fit["swa_start"]:
             self.swa.update(self.model.network)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -208,18 +188,12 @@ class SWACallback(paddle.callbacks.Callback):
             self.swa.update(self.model.network)
 
     def on_eval_begin(self, logs=None):
-        if self._swapping():
-            self._fit["eval_sgd"] = _copy_state(self.model.network)
-            utils.load_state_dict(self.model.network, self.swa.model.state_dict(), "the average")
+        fit = self._fit
+        if self.evaluate_average and fit and not fit["ended"] and self.swa and self.swa.n:
+            self._swap.swap_in(self.model.network, self.swa.model)
 
     def on_eval_end(self, logs=None):
-        saved = self._fit.pop("eval_sgd", None) if self._fit else None
-        if saved is not None:
-            utils.load_state_dict(self.model.network, saved, "the SGD weights")
-
-    def _swapping(self):
-        fit = self._fit
-        return bool(self.evaluate_average and fit and not fit["ended"] and self.swa and self.swa.n)
+        self._swap.swap_out(self.model.network)
 
     def on_train_end(self, logs=None):
         self._set_rates(_initial_rates(self._fit["rates"]), restore=True)
@@ -230,27 +204,81 @@ class SWACallback(paddle.callbacks.Callback):
         network = self.model.network
         self.sgd_state = _copy_state(network)
         if self.bn_data is not False and utils.batch_norm_layers(network):
-            distributed = paddle.distributed.get_world_size() > 1
-            self.swa.bn_update(self._bn_batches(distributed), distributed=distributed)
+            context = distributed.Distributed(paddle.distributed.get_rank(),
+                                          paddle.distributed.get_world_size())
+            batches = _refresh_batches(self.bn_data, self._fit["batch_size"] or 64, context.enabled)
+            engine.bn_update(batches, self.swa, context)
         utils.load_state_dict(network, self.swa.model.state_dict(), "the average")
         self._fit["ended"] = True
 
-    # ----------------------------------------------------------------- rates, data
+    def _set_rates(self, rates, restore=False):
+        if self.schedule.swa_lr is not None:  # else the user's schedule runs untouched
+            self._rates.set(self.model._optimizer, rates, self._fit["rates"], restore)
 
-    def _configured_rates(self, optimizer):
+    def restore_sgd(self):
+        """Put the last SGD weights back into the network (after fit ended)."""
+        if self.sgd_state is None:
+            raise ValueError("no SGD weights to restore: fit has not ended with an average")
+        utils.load_state_dict(self.model.network, self.sgd_state, "the SGD weights")
+        self._fit["ended"] = False
+
+
+# --------------------------------------------------------------------------- the parts
+
+def _save_and_load_with(model, owner, state, receive):
+    """Make `model.save(path)` also write `state()` to `<path>.swa` (when it is not None, and
+    only for a training checkpoint), and `model.load(path)` hand what `<path>.swa` holds (None
+    if there is none) to `receive`. Done once per owner: attaching again changes nothing."""
+    if getattr(model.save, "_swa_callback", None) is owner:
+        return
+    save, load = model.save, model.load
+
+    def save_with_swa(path, training=True):
+        save(path, training)
+        current = state() if training else None
+        if current is not None:
+            checkpoints.atomic_save(current, path + ".swa")
+
+    def load_with_swa(path, skip_mismatch=False, reset_optimizer=False):
+        # Paddle's Model.load unpickles these files with pickle.load, which can run code:
+        # each is first read with our data-only reader, which refuses anything else.
+        # The files as Paddle names them (it strips these suffixes), each checked if it
+        # exists at all: read_file refuses a folder or a pipe that Paddle would open.
+        root, suffix = os.path.splitext(path)
+        base = root if suffix in (".pdparams", ".pdopt", ".pdmodel") else path
+        for suffix in (".pdparams",) + (() if reset_optimizer else (".pdopt",)) + (".pdscaler",):
+            if os.path.lexists(base + suffix):
+                checkpoints.read_file(base + suffix, "saved model")
+        result = load(path, skip_mismatch, reset_optimizer)
+        state_path = path + ".swa"
+        receive(checkpoints.read_file(state_path, "SWA state") if os.path.isfile(state_path) else None)
+        return result
+
+    save_with_swa._swa_callback = load_with_swa._swa_callback = owner
+    model.save, model.load = save_with_swa, load_with_swa
+
+
+class _Rates:
+    """Sets an optimizer's rates during fit and puts the user's back at the end.
+
+    It remembers the rates a fit left the optimizer at (through a weak reference, so no
+    optimizer is kept alive by it), so that a fit that failed before putting the user's rates
+    back is not taken for the user's configuration by the next fit."""
+
+    def __init__(self):
+        self.left = None  # (the optimizer, the rates it was left at, the user's rates)
+
+    def configured(self, optimizer):
         """The rates the user gave `optimizer`: its current ones, unless it still runs at those
-        a fit of this callback left it at (a fit that failed before putting them back)."""
+        a fit left it at."""
         current = _current_rates(optimizer)
-        if self._left and self._left[0]() is optimizer and self._left[1] == current:
-            return self._left[2]
+        if self.left and self.left[0]() is optimizer and self.left[1] == current:
+            return self.left[2]
         return current
 
-    def _set_rates(self, rates, restore=False):
+    def set(self, optimizer, rates, configured, restore=False):
         """Give parameter group g the rate rates[g] (absolute); restore=True puts the user's
-        global rate and group multipliers back."""
-        if self.schedule.swa_lr is None:
-            return
-        optimizer, configured = self.model._optimizer, self._fit["rates"]
+        global rate and group factors (`configured`) back."""
         if not configured["groups"]:
             optimizer.set_lr(configured["lr"] if restore else rates[0])
         else:
@@ -260,25 +288,53 @@ class SWACallback(paddle.callbacks.Callback):
             for group, factor, rate in zip(optimizer._param_groups, configured["groups"], rates):
                 for p in group["params"]:
                     p.optimize_attr["learning_rate"] = factor if restore else rate
-        self._left = None if restore else (weakref.ref(optimizer), _current_rates(optimizer),
-                                           configured)
+        self.left = None if restore else (weakref.ref(optimizer), _current_rates(optimizer),
+                                          configured)
 
-    def _bn_batches(self, distributed):
-        data, batch_size = self.bn_data, self._fit["batch_size"] or 64
-        if isinstance(data, paddle.io.IterableDataset):
-            return paddle.io.DataLoader(data, batch_size=batch_size)
-        if isinstance(data, paddle.io.Dataset):
-            sampler = (paddle.io.DistributedBatchSampler(data, batch_size=batch_size)
-                       if distributed else paddle.io.BatchSampler(data, batch_size=batch_size))
-            return paddle.io.DataLoader(data, batch_sampler=sampler)
-        return data
 
-    def restore_sgd(self):
-        """Put the last SGD weights back into the network (after fit ended)."""
-        if self.sgd_state is None:
-            raise ValueError("no SGD weights to restore: fit has not ended with an average")
-        utils.load_state_dict(self.model.network, self.sgd_state, "the SGD weights")
-        self._fit["ended"] = False
+class _OptimizerSteps:
+    """Counts fit's optimizer steps, one per `accumulate_grad_batches` batches and one at an
+    epoch's last batch, and tells which update an EMA: those whose 0-based index is at least
+    `start` and a multiple of `every` (Lightning's update_starting_at_step and
+    update_every_n_steps)."""
+
+    def __init__(self, every, start, done=0):
+        self.every, self.start, self.done = every, start, done
+
+    def after_batch(self, step, accumulate, steps_in_epoch):
+        """After 0-based batch `step`: whether it ended an optimizer step that updates an EMA."""
+        if (step + 1) % accumulate and step + 1 != steps_in_epoch:
+            return False  # gradients accumulated, no optimizer step yet
+        index, self.done = self.done, self.done + 1
+        return index >= self.start and index % self.every == 0
+
+
+class _EvalSwap:
+    """The average in the network while fit evaluates, the SGD weights back afterwards."""
+
+    def __init__(self):
+        self.saved = None
+
+    def swap_in(self, network, average):
+        self.saved = _copy_state(network)
+        utils.load_state_dict(network, average.state_dict(), "the average")
+
+    def swap_out(self, network):
+        if self.saved is not None:
+            utils.load_state_dict(network, self.saved, "the SGD weights")
+            self.saved = None
+
+
+def _refresh_batches(data, batch_size, distributed):
+    """`bn_data` as batches: a Dataset or IterableDataset batched by `batch_size` (a Dataset
+    sharded over the ranks when `distributed`), anything else as given."""
+    if isinstance(data, paddle.io.IterableDataset):
+        return paddle.io.DataLoader(data, batch_size=batch_size)
+    if isinstance(data, paddle.io.Dataset):
+        sampler = (paddle.io.DistributedBatchSampler(data, batch_size=batch_size)
+                   if distributed else paddle.io.BatchSampler(data, batch_size=batch_size))
+        return paddle.io.DataLoader(data, batch_sampler=sampler)
+    return data
 
 
 def _copy_state(network):

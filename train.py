@@ -83,7 +83,7 @@ def train_loop(config, run, start, stop):
         if averaging and run.average == "swa":  # an EMA was updated after every step
             update_average(run)
         if swa and swa.n and (averaging and evaluate or epoch + 1 == c.epochs):
-            swa.bn_update(run.refresh_batches(epoch), distributed=run.env.enabled)
+            engine.bn_update(run.refresh_batches(epoch), swa, run.env)
             row.update(session.eval_columns(run, swa.model, run.average))
         if swa is not None:  # updated or refreshed since the check above: check before saving
             check_weights(run, epoch, sgd=False)

@@ -18,7 +18,7 @@
     files         writing a file atomically
 
 None of it is needed to use utils.py (the averaging core) in your own code; callbacks.py
-uses checkpoints (its `.swa` files) and schedules.
+uses checkpoints (its `.swa` files), schedules, engine and distributed (the refresh).
 Importing this package does nothing; entry points call `prepare()` before Paddle loads.
 """
 import os

@@ -85,10 +85,10 @@ def _weights(value):
 
 
 def _decay(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-            or not 0 <= value < 1:
-        raise _Bad("a number in [0, 1)")
-    return float(value)
+    try:
+        return float(utils.check_ema_decay(value))  # the core's own check of a decay
+    except ValueError:
+        raise _Bad("a number in [0, 1)") from None
 
 
 def _finite(value):

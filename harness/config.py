@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import models
+import utils
 from harness import cli, errors, schedules
 from harness import data as datasets
 
@@ -129,6 +130,15 @@ def _shown(value):
 
 # --------------------------------------------------------------------------- the parser
 
+def ema_decay(text):
+    """--ema_decay's value: a finite number, then the SWA core's own check of a decay."""
+    value = cli.number(float)(text)
+    try:
+        return utils.check_ema_decay(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser():
     p = cli.ArgumentParser(prog="train.py", description="SGD/SWA training (Izmailov et al., UAI 2018).",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,7 +213,7 @@ def build_parser():
                           "cyclic: per-iteration cycles from --lr_init down to --swa_lr ending at "
                           "each average (needs --swa); descent: steps of /10 at 50%% and 75%% of "
                           "--swa_start, then --swa_lr (default: linear)")
-    swa.add_argument("--ema_decay", type=cli.number(float, 0, 1, high_open=True), metavar="D",
+    swa.add_argument("--ema_decay", type=ema_decay, metavar="D",
                      help="keep an exponential moving average avg = D * avg + (1 - D) * model "
                           "instead of the equal average, updated after every step from epoch "
                           "--swa_start on (needs --swa; e.g. 0.999) (default: None, SWA's equal average)")

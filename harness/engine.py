@@ -15,6 +15,7 @@ import paddle
 import paddle.nn.functional as F
 
 import utils
+from harness import errors
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -175,18 +176,71 @@ class Sums:
                     steps=steps, local=local)
 
 
-def sync_bn_statistics(model, context):
-    """Set every rank's BatchNorm running statistics to their mean over all ranks.
+def sync_bn_statistics(model, context, samples=None):
+    """Set every rank's BatchNorm running statistics to their mean over all ranks, in one
+    float64 all-reduce: the one place the project averages statistics over ranks.
 
     In data-parallel training each rank's running statistics follow its own batches, so
-    the ranks' copies of the model differ there (and only there). Call this on every rank
+    the ranks' copies of the model differ there (and only there): call this on every rank
     before evaluating a sharded test set or averaging, so all ranks hold the same model.
+    After a refresh from each rank's shard (`bn_update`), `samples` weights each rank by the
+    samples it saw, which gives the statistics of the union of the shards.
+
+    Args:
+        model: the Layer (or DataParallel wrapper) whose statistics are averaged.
+        context: the distributed.Distributed of the job.
+        samples: this rank's sample count, the weight of its statistics; None: equal weights.
+
+    Returns:
+        The sum of the weights over the ranks (the world size when `samples` is None).
     """
     stats = utils.batch_norm_statistics(model)
-    if stats:
+    weight = 1.0 if samples is None else float(samples)
+    if not context.enabled:
+        return weight
+    *sums, total = context.all_reduce_sum([t.astype("float64") * weight for t in stats] + [weight])
+    if total > 0:
         with paddle.no_grad():
-            for t, s in zip(stats, context.all_reduce_sum(stats)):
-                paddle.assign((s / context.world_size).astype(t.dtype), output=t)
+            for t, s in zip(stats, sums):
+                paddle.assign((s / total).astype(t.dtype), output=t)
+    return total
+
+
+def bn_update(loader, average, context):
+    """Recompute BatchNorm statistics in a (possibly) data-parallel job: every rank refreshes
+    from its own shard of the data, then all take the sample-weighted mean over the ranks, so
+    each ends with the statistics of the whole data (a single process refreshing over all the
+    batches gives the same up to float32 rounding).
+
+    The ranks agree on failure: if the refresh fails on any rank, every rank raises (its own
+    error, or errors.OtherRankFailed) with its statistics as they were, and none is left
+    waiting in a collective.
+
+    Args:
+        loader: this rank's batches, as `utils.bn_update` takes them.
+        average: a `utils.SWA` (its average is refreshed and marked so) or a Layer.
+        context: the distributed.Distributed of the job (one process: a plain refresh).
+
+    Returns:
+        The number of samples seen over all ranks.
+    """
+    swa = average if isinstance(average, utils.SWA) else None
+    if swa is not None and not swa.n:
+        return swa.bn_update(loader)  # refused alike on every rank: there is no average yet
+    model = average if swa is None else swa.model
+    stats = utils.batch_norm_statistics(model)
+    saved, was_updated = [t.clone() for t in stats], swa is not None and swa.bn_updated
+    refresh = (lambda: utils.bn_update(loader, model)) if swa is None else (lambda: swa.bn_update(loader))
+    try:
+        seen = context.together(refresh)
+    except errors.OtherRankFailed:  # this rank's own refresh went through: undo it too
+        with paddle.no_grad():
+            for t, old in zip(stats, saved):
+                paddle.assign(old, output=t)
+        if swa is not None:
+            swa.bn_updated = was_updated
+        raise
+    return int(round(sync_bn_statistics(model, context, samples=seen))) if stats else seen
 
 
 class ScaleCollapsed(FloatingPointError):

@@ -6,9 +6,10 @@
 Prints, with the machine and settings:
   1. train and eval images/s per model: Paddle's defaults against train.py's automatic CPU
      settings (each measured in a fresh process, since MKL reads its settings once);
-  2. one SWA averaging step against the numpy memory floor (a *= 1-alpha; a += alpha*b in
-     place over as many float32 values), and an EMA update (done after every training step)
-     as a fraction of a training step;
+  2. one SWA averaging step against the numpy memory floor (numpy adding two float32 arrays
+     into a third over as many values), and an EMA update (done after every training step)
+     as a fraction of a training step; --against REV times utils.py of a git revision beside
+     this tree's (each in fresh processes, alternating);
   3. the BatchNorm refresh against one forward pass over the same images, and what an
      intermediate SWA evaluation costs in epochs;
   4. the data loader's images/s against training's;
@@ -169,28 +170,77 @@ def torch_foreach_ms(count_shapes, repeats):
     return 1e3 * median_time(lambda: torch._foreach_lerp_(averages, models_, 0.1), repeats, warmup=2)
 
 
-def section_averaging(speed, names, batch_size, repeats):
-    print("\n2. Averaging against the memory floor: the time to read two arrays and write one (12 bytes\n"
-          "   a float: numpy's in-place add over as many float32 values), for an SWA update (once per\n"
-          f"   averaging epoch) and an EMA update (after every step; its share of a training step of\n"
-          f"   batch {batch_size} from 1.); torch's _foreach_lerp_ where torch is installed")
-    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'floor':>9s} {'SWA.update':>11s} {'ratio':>6s} "
-          f"{'EMA update':>11s} {'ratio':>6s} {'of a step':>9s} {'torch':>9s}")
+def load_core(revision):
+    """utils.py of this tree (revision None), or of a git revision of it (read with git show,
+    imported under another name): the averaging updates of two versions, timed alike."""
+    if revision is None:
+        return utils
+    import importlib.util
+
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:utils.py"], capture_output=True,
+                            text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("utils_at_revision", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(f.name)
+    return module
+
+
+def worker_averaging(model_name, repeats, threads, revision):
+    """An SWA and an EMA update of `model_name` (ms, medians) with the core of `revision`
+    ("-": this tree), and the memory floor over as many floats, in this (fresh) process."""
+    runtime.tune_cpu(threads, model_name)
+    core = load_core(None if revision == "-" else revision)
+    a = models.build(model_name)
+    swa, ema = core.SWA(a), core.SWA(a, ema_decay=0.999)
+    count = sum(int(p.numel()) for p in a.parameters())
+    result = {"floats": count, "tensors": len(a.parameters()),
+              "swa": median_time(lambda: swa.update(a), repeats, warmup=2),
+              "ema": median_time(lambda: ema.update(a), repeats, warmup=2)}
+    x, y, z = (np.ones(count, np.float32) for _ in range(3))
+    result["floor"] = median_time(lambda: np.add(x, y, out=z), repeats, warmup=2)
+    return result
+
+
+def worker_step(model_name, batch_size, repeats, threads):
+    """One training step of `model_name` in seconds (median), in this (fresh) process."""
+    runtime.tune_cpu(threads, model_name)
+    model = models.build(model_name)
+    optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
+    batches = [synthetic_batch(batch_size)]
+    return {"step": median_time(lambda: engine.train_pass(batches, model, optimizer, lambda s: 0.01,
+                                                          lambda s: s), repeats)}
+
+
+def section_averaging(speed, names, batch_size, repeats, rounds, threads, against=None):
+    print("\n2. Averaging against the memory floor: the time to read two arrays and write a third\n"
+          "   (numpy adding two float32 arrays into a third over the model's float count), for an\n"
+          "   SWA update (once per averaging epoch) and an EMA update (after every step; its share of\n"
+          f"   a training step of batch {batch_size}); {threads or 'automatic'} CPU thread(s), "
+          f"each version in {rounds} fresh\n   processes per model, alternating, medians; torch's "
+          "_foreach_lerp_ where torch is installed")
+    versions = ["-"] + ([against] if against else [])
+    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'version':>9s} {'floor':>9s} "
+          f"{'SWA.update':>11s} {'ratio':>6s} {'EMA update':>11s} {'ratio':>6s} {'of a step':>9s} "
+          f"{'torch':>9s}")
     for name in names:
-        runtime.tune_cpu(0, name)
-        a = models.build(name)
-        swa, ema = utils.SWA(a), utils.SWA(a, ema_decay=0.999)
-        count = sum(int(p.numel()) for p in a.parameters())
-        swa_time = median_time(lambda: swa.update(a), repeats, warmup=2)
-        ema_time = median_time(lambda: ema.update(a), repeats, warmup=2)
-        x, y = np.ones(count, np.float32), np.ones(count, np.float32)
-        floor = median_time(lambda: np.add(x, y, out=x), repeats, warmup=2)
-        step = batch_size / speed[(name, "tuned")]["train"] if speed else None
-        foreach = torch_foreach_ms([list(p.shape) for p in a.parameters()], repeats)
-        print(f"{name:16s} {count:9d} {len(list(a.parameters())):7d} {floor * 1e3:6.2f} ms "
-              f"{swa_time * 1e3:8.2f} ms {swa_time / floor:6.2f} {ema_time * 1e3:8.2f} ms "
-              f"{ema_time / floor:6.2f} " + (f"{100 * ema_time / step:8.2f}%" if step else f"{'-':>9s}")
-              + (f" {foreach:6.2f} ms" if foreach is not None else f" {'-':>9s}"))
+        runs = {v: [] for v in versions}
+        for _ in range(rounds):
+            for version in versions:
+                runs[version].append(spawn("averaging", name, repeats, threads, version))
+        step = (batch_size / speed[(name, "tuned")]["train"] if speed else
+                spawn("step", name, batch_size, 3, threads)["step"])
+        model = models.build(name)
+        foreach = torch_foreach_ms([list(p.shape) for p in model.parameters()], repeats)
+        for version, samples in runs.items():
+            m = {key: statistics.median(s[key] for s in samples) for key in ("floor", "swa", "ema")}
+            label = "this tree" if version == "-" else version[:9]
+            print(f"{name:16s} {samples[0]['floats']:9d} {samples[0]['tensors']:7d} {label:>9s} "
+                  f"{m['floor'] * 1e3:6.2f} ms {m['swa'] * 1e3:8.2f} ms {m['swa'] / m['floor']:6.2f} "
+                  f"{m['ema'] * 1e3:8.2f} ms {m['ema'] / m['floor']:6.2f} {100 * m['ema'] / step:8.2f}%"
+                  + (f" {foreach:6.2f} ms" if foreach is not None else f" {'-':>9s}"))
 
 
 def section_refresh(speed, names, train_size=50_000, test_size=10_000):
@@ -260,12 +310,21 @@ def main(argv=None):
                    help="fresh processes per model and setting in 1. (default: 2)")
     p.add_argument("--averaging_only", action="store_true",
                    help="run only section 2, the averaging against the memory floor (default: off)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads in section 2 (0: train.py's automatic count) (default: 1)")
+    p.add_argument("--against", metavar="REV",
+                   help="in section 2, also time utils.py of git revision REV, alternating with this "
+                        "tree's (default: this tree only)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         kind, *rest = args.worker
         if kind == "speed":
             result = worker_speed(rest[0], int(rest[1]), int(rest[2]), rest[3])
+        elif kind == "averaging":
+            result = worker_averaging(rest[0], int(rest[1]), int(rest[2]), rest[3])
+        elif kind == "step":
+            result = worker_step(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
         else:
             result = worker_run(json.loads(rest[0]))
         print(json.dumps(result))
@@ -276,10 +335,12 @@ def main(argv=None):
     print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
           "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
     if args.averaging_only:
-        section_averaging(None, names, args.batch_size, max(20, args.repeats))
+        section_averaging(None, names, args.batch_size, max(20, args.repeats), args.rounds,
+                          args.threads, args.against)
         return 0
     speed = section_speed(names, args.batch_size, args.repeats, args.rounds)
-    section_averaging(speed, names, args.batch_size, max(20, args.repeats))  # ms each: cheap to repeat
+    section_averaging(speed, names, args.batch_size, max(20, args.repeats), args.rounds,  # ms each:
+                      args.threads, args.against)                                         # cheap to repeat
     section_refresh(speed, names)
     section_loader(speed, names, args.batch_size, args.repeats)
     section_run(args.repeats + 2)

@@ -60,14 +60,14 @@ elif point == "save":
 elif point == "bn":
     real_bn_update = utils.bn_update
 
-    def dying_bn_update(loader, model, distributed=False):
+    def dying_bn_update(loader, model):
         def batches():
             for i, batch in enumerate(loader):
                 if i == 1 and calls["n"] == target:
                     os.kill(os.getpid(), getattr(signal, "SIG" + signame))
                 yield batch
         calls["n"] += 1
-        return real_bn_update(batches(), model, distributed)
+        return real_bn_update(batches(), model)
 
     utils.bn_update = dying_bn_update
 elif point == "plot":

@@ -424,25 +424,6 @@ def test_ema_every_n_steps_from_a_step_as_lightning_counts():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_ema_warmup_follows_timms_decay():
-    model = models.build("SimpleCNN", 10, 1)
-    ema = utils.SWA(model, ema_decay=0.9, ema_warmup=True, min_decay=0.2)
-    rng = np.random.default_rng(3)
-    expected = None
-    for step in range(1, 9):  # timm's ModelEmaV3.get_decay(step), step = updates so far + 1
-        with paddle.no_grad():
-            for p in model.parameters():
-                p.set_value(rng.standard_normal(p.shape).astype("float32"))
-        weights = _state(model)
-        k = max(0, step - 0 - 1)
-        decay = 0.0 if k <= 0 else max(min(1 - (1 + k / 1.0) ** (-2 / 3), 0.9), 0.2)
-        expected = weights if expected is None else \
-            {n: decay * expected[n] + (1 - decay) * weights[n] for n in weights}
-        ema.update(model)
-    for key, value in _state(ema.model).items():
-        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-
-
 class EvalSpy(paddle.callbacks.Callback):
     """What the network holds when fit evaluates, and the average at that moment."""
 

@@ -61,7 +61,7 @@ def test_reported_accuracy_is_over_the_whole_test_set(two_process_run):
     assert float(re.search(r"accuracy ([\d.]+)%", evaluated.stdout)[1]) == pytest.approx(swa_acc, abs=1e-4)
 
 
-def test_distributed_bn_update_equals_single_process(tmp_path):
+def test_distributed_bn_update_equals_single_process_and_a_failure_on_one_rank_raises_on_all(tmp_path):
     proc = launch([os.path.join("tests", "dist_bn_check.py"), tmp_path / "out"], tmp_path / "logs",
                   nproc=2, port=free_port())
     finish([proc])
@@ -72,6 +72,9 @@ def test_distributed_bn_update_equals_single_process(tmp_path):
         alone = rank0["alone/" + key[len("dist/"):]]
         # Same batches in another order: equal up to float32 rounding of the running averages.
         np.testing.assert_allclose(rank0[key], alone, rtol=1e-5, atol=1e-5, err_msg=key)
+    # a refresh failing on one rank raises on both, each keeping its statistics
+    assert (tmp_path / "out" / "rank0.txt").read_text() == "OtherRankFailed; statistics kept"
+    assert (tmp_path / "out" / "rank1.txt").read_text() == "own error: disk gone; statistics kept"
 
 
 def test_two_nodes_on_one_machine_with_the_launch_script(tmp_path):

@@ -136,6 +136,8 @@ BAD_FLAGS = [
     (["--dir", ""], "--dir: must not be empty"),
     (["--label_noise", "1"], "--label_noise: must be < 1"),
     (["--ema_decay", "0.9"], "--ema_decay needs --swa"),
+    (["--swa", "--ema_decay", "1"], "--ema_decay: ema_decay must be None or a number in [0, 1)"),
+    (["--swa", "--ema_decay", "nan"], "--ema_decay: expected a finite number"),
     (["--swa", "--ema_warmup"], "--ema_warmup warms up an EMA's decay: add --ema_decay"),
     (["--swa", "--swag", "--ema_decay", "0.9"], "--swag fits a Gaussian around SWA's equal average"),
     (["--swa", "--swag", "--swag_rank", "1"], "--swag_rank: must be >= 2"),
