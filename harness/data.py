@@ -165,16 +165,27 @@ def _find(folders, names):
 
 
 def _paddle_download(cls_name):
-    """Try Paddle's standard download into its cache, quietly; True if it worked."""
+    """Try Paddle's standard download into its cache, quietly; None if it worked, else why not
+    (one short line)."""
     import paddle.vision.datasets as pd
 
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             getattr(pd, cls_name)(mode="test", download=True)
             getattr(pd, cls_name)(mode="train", download=True)
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as e:  # no network, a proxy, a partial file: Paddle raises many types
+        reason = " ".join(str(e).split())[:120]
+        return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def _missing(name, wanted, folders, download, failure):
+    """The one-line DataError for dataset `name` found in none of `folders`."""
+    tried = ("Paddle's download was not tried (--no_download)" if not download
+             else f"Paddle's download failed ({failure})")
+    return errors.DataError(f"{name} not found: looked for {wanted} in {', '.join(folders)}; "
+                            f"{tried}. Get the official files from {SOURCES[name]} and put them "
+                            f"in {folders[0]} (the --data_path folder)")
 
 
 CIFAR = {
@@ -194,6 +205,11 @@ IDX = {
     "FashionMNIST": dict(subdirs=["fashionmnist", "FashionMNIST/raw", "fashion-mnist"],
                          module="fashion-mnist", paddle="FashionMNIST"),
 }
+# Where the official files are published.
+SOURCES = {"CIFAR10": "https://www.cs.toronto.edu/~kriz/cifar.html",
+           "CIFAR100": "https://www.cs.toronto.edu/~kriz/cifar.html",
+           "MNIST": "https://yann.lecun.com/exdb/mnist/",
+           "FashionMNIST": "https://github.com/zalandoresearch/fashion-mnist"}
 AUGMENT = {"CIFAR10": Augment(pad=4, flip=True), "CIFAR100": Augment(pad=4, flip=True),
            "MNIST": Augment(), "FashionMNIST": Augment(), "digits": Augment(pad=1)}
 
@@ -216,12 +232,12 @@ def _load_cifar(name, data_path, download):
     spec = CIFAR[name]
     folders = _candidates(data_path, [name.lower()], "cifar")
     source = _find(folders, [spec["archive"], spec["folder"]])
-    if source is None and download and _paddle_download(spec["paddle"]):
+    failure = _paddle_download(spec["paddle"]) if source is None and download else None
+    if source is None and download and failure is None:
         source = _find(folders, [spec["archive"]])
     if source is None:
-        raise errors.DataError(f"{name} not found: put the official {spec['archive']} (or its "
-                               f"extracted {spec['folder']}/) in {data_path!r} or pass --data_path; "
-                               "Paddle's download failed or was disabled")
+        raise _missing(name, f"{spec['archive']} (or its extracted {spec['folder']}/)", folders,
+                       download, failure or "it left no file there")
     try:
         train = read_cifar(source, spec["train"], spec["label_key"], spec["classes"])
         test = read_cifar(source, spec["test"], spec["label_key"], spec["classes"])
@@ -247,12 +263,12 @@ def _load_idx(name, data_path, download):
         return None
 
     files = locate()
-    if files is None and download and _paddle_download(spec["paddle"]):
+    failure = _paddle_download(spec["paddle"]) if files is None and download else None
+    if files is None and download and failure is None:
         files = locate()
     if files is None:
         wanted = ", ".join(base + ".gz" for base in IDX_FILES.values())
-        raise errors.DataError(f"{name} not found: put the official {wanted} in {data_path!r} "
-                               "or pass --data_path; Paddle's download failed or was disabled")
+        raise _missing(name, wanted, folders, download, failure or "it left no file there")
     arrays = {key: _read_idx_file(name, path) for key, path in files.items()}
     _check_idx(files, arrays)
     split = {s: ArrayDataset(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"].astype(np.int64))

@@ -1,4 +1,6 @@
 """Dataset readers on tiny files in the official formats, and the batch loader."""
+import os
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,23 @@ def test_worker_threads_give_the_same_batches():
                                                num_workers=2)(epoch=0)]
     for a, b in zip(plain, threaded, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_missing_dataset_names_the_folders_searched_the_download_and_where_to_get_it(tmp_path,
+                                                                                      monkeypatch):
+    import paddle.vision.datasets as paddle_datasets
+
+    with pytest.raises(errors.DataError) as refused:
+        data.load_dataset("CIFAR10", str(tmp_path), download=False)
+    message = str(refused.value)
+    assert str(tmp_path) in message and os.path.join(str(tmp_path), "cifar10") in message
+    assert "not tried (--no_download)" in message and "https://www.cs.toronto.edu/~kriz/cifar.html" in message
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(paddle_datasets, "MNIST", offline)
+    with pytest.raises(errors.DataError) as refused:
+        data.load_dataset("MNIST", str(tmp_path), download=True)
+    message = str(refused.value)
+    assert "Paddle's download failed (ConnectionError: Name or service not known)" in message
+    assert "\n" not in message and "t10k-images-idx3-ubyte.gz" in message
