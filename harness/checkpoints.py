@@ -317,8 +317,9 @@ def list_checkpoints(directory):
 
 
 def describe_position(epoch, step):
-    """Where a checkpoint stands, in words: 'epoch 10' or 'epoch 11 step 5 (mid-epoch)'."""
-    return f"epoch {epoch}" if not step else f"epoch {epoch + 1} step {step} (mid-epoch)"
+    """Where a checkpoint stands, in words, as its file name counts: 'epoch 10', or 'epoch 10
+    + 5 batches (mid-epoch)' for checkpoint-10-step5.pdparams."""
+    return f"epoch {epoch}" if not step else f"epoch {epoch} + {step} batches (mid-epoch)"
 
 
 # --------------------------------------------------------------------------- writing

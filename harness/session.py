@@ -7,6 +7,7 @@ model, optimizer, average, batches and logs) on every rank and restores --resume
 import dataclasses
 import functools
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class Run:
     directory: str                  # --dir
     flags: dict                     # train.py's flags by name, recorded in every checkpoint
     setting: dict                   # what the model was trained on (checkpoints.setting_of)
+    command: list = dataclasses.field(default_factory=list)  # train.py's argv, to say how to resume
     amp: engine.MixedPrecision | None = None
     snapshots: list = dataclasses.field(default_factory=list)   # FGE's, file names in --dir
     sync_every: int = 1
@@ -167,9 +169,11 @@ class Run:
         path = self.save(epoch, step, partial)
         self.env.barrier()  # no rank exits (and gets the job stopped) before rank 0 has saved
         if path:
+            again = ("the same launch command plus --resume auto" if self.env.enabled
+                     else resume_command(self.command))
             print(f"stopped by {signal.Signals(signum).name} at "
-                  f"{checkpoints.describe_position(epoch, step)}; saved {path}; continue with the "
-                  "same command plus --resume auto", file=sys.stderr, flush=True)
+                  f"{checkpoints.describe_position(epoch, step)}; saved {path}; continue with: "
+                  f"{again}", file=sys.stderr, flush=True)
         return 128 + signum
 
     def close(self):
@@ -177,6 +181,20 @@ class Run:
             self.visualdl.close()
         if self.lock:
             self.lock.close()
+
+
+def resume_command(command):
+    """The shell command that continues `command` (train.py's argv): the same, with any
+    --resume replaced by --resume auto."""
+    kept, skip = [], False
+    for token in command[1:]:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join(["python", command[0], *kept, "--resume", "auto"])
 
 
 # --------------------------------------------------------------------------- building
@@ -267,6 +285,7 @@ def setup(config, command):
         if opened:  # every check has passed on every rank: now --dir may change
             run.lock = opened.lock
             open_run(run, config, start.epoch, command)
+        run.command = list(command)
     except BaseException:
         if opened:
             opened.lock.close()

@@ -3,6 +3,7 @@ one writer, flags that would do nothing and bad flags or data refused before the
 made, mid-epoch checkpoint names, a closed stdout, a full disk, temporary files."""
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -283,9 +284,11 @@ def test_a_mid_epoch_checkpoint_is_called_so_and_step_files_go_once_superseded(t
     assert killed.returncode == 143, killed.stderr
     step_files = [n for n in os.listdir(run_dir) if "-step" in n]
     assert step_files == ["checkpoint-1-step5.pdparams"], os.listdir(run_dir)
-    assert "at epoch 2 step 5 (mid-epoch)" in killed.stderr
+    assert "at epoch 1 + 5 batches (mid-epoch)" in killed.stderr  # as the file name counts
+    again = f"continue with: python train.py {shlex.join(map(str, RUN))} --dir {run_dir} --resume auto"
+    assert again in killed.stderr, killed.stderr
     result = run_main(evaluation.main, "--model_path", run_dir / step_files[0])
-    assert "SimpleCNN at epoch 2 step 5 (mid-epoch)" in result.stdout, result.stderr
+    assert "SimpleCNN at epoch 1 + 5 batches (mid-epoch)" in result.stdout, result.stderr
     assert run_main(train.main, *RUN, "--dir", run_dir, "--resume", "auto").returncode == 0
     assert not [n for n in os.listdir(run_dir) if "-step" in n]
 
