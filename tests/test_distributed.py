@@ -182,3 +182,26 @@ def test_a_one_process_run_continues_on_two_at_an_epoch_end(tmp_path):
     output, = finish([proc])
     assert "2 processes x 64" in output and "resuming from" in output
     assert report.read_metrics(str(tmp_path / "run"))[-1]["ep"] == 4
+
+
+def test_ctrl_c_on_the_launch_script_prints_what_was_saved_and_the_command_to_continue(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "launch_one_machine.sh")
+    flags = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", 300, "--no_visualdl",
+             "--dir", tmp_path / "run"]
+    proc = start(["bash", script, 2, *flags], env={"LAUNCH_LOG_DIR": str(tmp_path / "logs")})
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.csv").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # a few epochs in
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    tail = out.splitlines()[-3:]
+    assert tail[0].startswith("stopped by ") and "saved " + str(tmp_path / "run") in tail[0], out[-2000:]
+    assert tail[1] == f"continue with: {script} 2 " + " ".join(map(str, flags)) + " --resume auto"
+    assert tail[2] == f"each process's output: {tmp_path / 'logs'}/workerlog.<rank>"
