@@ -84,15 +84,15 @@ def test_flatness_starts_at_evals_values_and_its_line_passes_both_checkpoints(ch
     assert far[-1] > far[0]  # the loss rises away from the average
 
 
-def test_the_readmes_inference_snippet_runs_quietly_and_scores_as_eval(checkpoint, tmp_path):
+def test_the_docs_inference_snippet_runs_quietly_and_scores_as_eval(checkpoint, tmp_path):
     import os
     import subprocess
     import sys
 
     from helpers import ROOT
 
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    snippet = "# Paddle Inference" + readme.split("```python\n# Paddle Inference")[1].split("```")[0]
+    doc = open(os.path.join(ROOT, "docs", "export.md")).read()
+    snippet = "# Paddle Inference" + doc.split("```python\n# Paddle Inference")[1].split("```")[0]
     export = run_main(script("export").main, "--model_path", checkpoint, "--out",
                       tmp_path / "exported" / "digits")
     assert export.returncode == 0, export.stderr
