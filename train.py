@@ -114,7 +114,7 @@ def test_once(run):
     parts = []
     for name, model in scored:
         columns = session.eval_columns(run, model, split="te")
-        parts.append(f"{name} loss {columns['te_loss']:.4f} acc {columns['te_acc']:.4f}")
+        parts.append(f"{name} loss {columns['te_loss']:.4f} accuracy {columns['te_acc']:.4f}%")
     run.log(f"test set ({len(run.ds.test)} images): " + "; ".join(parts))
 
 

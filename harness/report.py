@@ -191,6 +191,7 @@ def plot_runs(directories, out):
                              sharex="col", sharey="row", squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
     late = []  # test errors after the first quarter of each run, for the shared error axis
+    drawn = []  # (axis, points, colour) of every error curve, to mark what runs off the top
     for column, directory in enumerate(directories):
         rows = read_metrics(directory)
         top, bottom = axes[0][column], axes[1][column]
@@ -203,6 +204,7 @@ def plot_runs(directories, out):
             if points:
                 top.plot(*zip(*points), label=label, markersize=3, linewidth=1.5, **style)
                 late += [e for ep, e in points if ep > 0.25 * rows[-1]["ep"]]
+                drawn.append((top, points, style["color"]))
         swa_start = _swa_start(directory)
         for axis in (top, bottom):
             if swa_start is not None:
@@ -218,6 +220,7 @@ def plot_runs(directories, out):
     if late:  # the first epochs' errors would flatten the rest: let them run off the top
         spread = max(late) - min(late)
         axes[0][0].set_ylim(max(0.0, min(late) - 0.5 * spread - 0.1), max(late) + 0.5 * spread + 0.1)
+        mark_off_the_top(drawn)
     # Drawn to a temporary file and renamed: a full disk or a stop leaves no partial image.
     kind = os.path.splitext(out)[1][1:].lower() or "png"  # the temporary name says nothing
     try:
@@ -225,6 +228,19 @@ def plot_runs(directories, out):
     finally:
         plt.close(fig)
     return out
+
+
+def mark_off_the_top(drawn):
+    """A triangle at the top edge for every point above the error axis, and a note saying
+    so: a capped axis must not hide the early epochs' errors."""
+    for axis, points, colour in drawn:
+        ceiling = axis.get_ylim()[1]
+        above = [ep for ep, error in points if error > ceiling]
+        if above:
+            axis.plot(above, [ceiling] * len(above), linestyle="none", marker="^", color=colour,
+                      markersize=5, clip_on=False)
+            axis.annotate("\u25b2 above the axis", (0.01, 0.97), xycoords="axes fraction",
+                          va="top", fontsize=8, color="gray")
 
 
 def _swa_start(directory):

@@ -96,8 +96,8 @@ def test_a_validation_run_reports_val_columns_and_the_test_set_once(validated):
                               "swa_val_loss", "swa_val_acc", "time"]
     assert [row["ep"] for row in metrics_rows(run_dir)] == [1, 2, 3]
     assert all(row["val_acc"] is not None for row in metrics_rows(run_dir))
-    test = re.search(r"test set \(359 images\): SGD loss ([\d.]+) acc ([\d.]+); SWA loss ([\d.]+) "
-                     r"acc ([\d.]+)", stdout)
+    test = re.search(r"test set \(359 images\): SGD loss ([\d.]+) accuracy ([\d.]+)%; SWA loss "
+                     r"([\d.]+) accuracy ([\d.]+)%", stdout)
     # eval.py scores the same weights on the same test set (refreshing on the same split)
     swa = run_main(evaluation.main, "--model_path", run_dir / "checkpoint-3.pdparams")
     sgd = run_main(evaluation.main, "--model_path", run_dir / "checkpoint-3.pdparams", "--sgd")
