@@ -1,0 +1,60 @@
+"""Every command README.md and docs/*.md show for train.py, eval.py and the scripts is one their
+parsers take as written (flags that exist, values in range, flags that go together): a
+renamed or tightened flag cannot leave the docs behind. Placeholders (`...`, `<DIR>`,
+`[--flag]`) mark commands that are templates, not commands, and are left out."""
+import glob
+import importlib.util
+import os
+import re
+import shlex
+
+import pytest
+
+from helpers import ROOT, script
+
+PROGRAMS = {"train.py": None, "eval.py": None, "scripts/average_checkpoints.py": "average_checkpoints",
+            "scripts/export.py": "export", "scripts/flatness.py": "flatness",
+            "scripts/compare.py": "compare"}
+
+
+def _documented():
+    found = []
+    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        text = open(path).read()
+        lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                 for line in block.replace("\\\n", " ").splitlines()]
+        lines += [" ".join(span.split()) for span in re.findall(r"`(python [^`]+)`", text)]
+        for line in lines:
+            line = " ".join(line.split())
+            match = re.search(r"python (train\.py|eval\.py|scripts/\w+\.py)( .*)?$", line)
+            if match and match[1] in PROGRAMS and not re.search(r"\.\.\.|<|\[|\|", line):
+                command = re.split(r"\s+(?:&&|;|#)\s*", match[0])[0]
+                found.append((os.path.basename(path), command))
+    return found
+
+
+def _parse(program, argv):
+    if program == "train.py":
+        from harness import config
+        return config.parse_args(argv)
+    if program == "eval.py":
+        spec = importlib.util.spec_from_file_location("eval_script", os.path.join(ROOT, "eval.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.build_parser().parse_args(argv)
+    return script(PROGRAMS[program]).build_parser().parse_args(argv)
+
+
+def test_the_docs_show_commands_of_each_program():
+    programs = {re.search(r"python (\S+)", command)[1] for _, command in _documented()}
+    assert {"train.py", "eval.py", "scripts/compare.py", "scripts/average_checkpoints.py"} <= programs
+
+
+@pytest.mark.parametrize("where, command", _documented())
+def test_a_documented_command_is_taken_by_its_parser(where, command):
+    words = shlex.split(command)
+    program, argv = words[1], words[2:]
+    try:
+        _parse(program, argv)
+    except SystemExit as e:  # argparse refused it (and printed why), or printed --help
+        assert e.code == 0, f"{where}: {command}: argparse exit {e.code}"
