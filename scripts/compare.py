@@ -12,22 +12,30 @@ accuracy, NLL and ECE of SGD and SWA, and with --swag_samples of SWAG-diagonal a
 Bayesian model averages of that many samples. Flags after `--` go to every train.py run.
 Every run's command is checked by train.py's own flag checks before anything is trained or
 --out_dir is made: a run train.py would refuse is one line, exit 2.
+
+Run again into the same --out_dir (after Ctrl-C, or with more --seeds or --methods), it goes on
+from there: finished runs and their scores are reused, interrupted ones resumed (train.py
+--resume auto, which refuses a run whose flags differ), new ones trained; --overwrite trains
+everything again. A line per finished run says which it was and how long it took.
 """
 import contextlib
 import csv
 import io
+import json
 import os
 import queue
 import re
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from harness import cli, errors  # noqa: E402
+from harness import cli, errors, files  # noqa: E402
 
 METRICS = ("accuracy", "nll", "ece")
 # method -> (what eval.py prints: the name in the results)
@@ -113,7 +121,9 @@ def train_command(args, method, seed, extra, device):
         command += ["--fge", "--swa_start", str(args.swa_start), "--swa_lr", str(args.swa_lr),
                     "--fge_cycle", str(args.fge_cycle), "--fge_lr1", str(args.fge_lr1),
                     "--fge_lr2", str(args.fge_lr2)]
-    return command + (["--overwrite"] if args.overwrite else []) + extra
+    # a run already in --out_dir is continued (or found finished); train.py refuses, naming the
+    # flag, one whose flags differ
+    return command + (["--overwrite"] if args.overwrite else ["--resume", "auto"]) + extra
 
 
 def eval_commands(args, method, seed, device):
@@ -182,27 +192,26 @@ def run_all(args, extra):
         slots.put(slot)
     device = "gpu" if gpus else "cpu"
 
+    jobs = [(method, seed) for seed in args.seeds for method in args.methods]
+    progress = Progress(len(jobs))
+
     def run(job):
         method, seed = job
         slot = slots.get()
         try:
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot)) if gpus else None
-            commands = [({}, train_command(args, method, seed, extra, device))]
-            commands += eval_commands(args, method, seed, device)
+            started = time.time()
+            trained = run_command(train_command(args, method, seed, extra, device), env, job)
             scores = {}
-            for names, command in commands:
-                done = subprocess.run(command, capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                    raise errors.RunFailed(f"the {method} run with seed {seed} failed: {message}")
-                printed = parse_scores(done.stdout)
+            for names, command in eval_commands(args, method, seed, device):
+                printed = scored(run_dir(args, method, seed), command, env, job)
                 scores.update({name: printed[weights] for weights, name in names.items()})
+            progress.done(job, trained, time.time() - started)
             return job, scores
         finally:
             slots.put(slot)
 
     results = {}
-    jobs = [(method, seed) for seed in args.seeds for method in args.methods]
     with ThreadPoolExecutor(slots.qsize()) as pool:
         for (_, seed), scores in pool.map(run, jobs):
             for name, values in scores.items():
@@ -210,8 +219,63 @@ def run_all(args, extra):
     return {name: results[name] for name in ORDER if name in results}
 
 
+class Progress:
+    """One line per finished run on stderr: which, how its training went, how long."""
+
+    def __init__(self, total):
+        self.total, self.count, self.lock = total, 0, threading.Lock()
+
+    def done(self, job, trained, seconds):
+        how = ("already trained" if "is finished" in trained else
+               "resumed and trained" if "resuming from" in trained else "trained")
+        with self.lock:
+            self.count += 1
+            print(f"[{self.count}/{self.total}] {job[0]} seed {job[1]}: {how} and scored in "
+                  f"{seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def run_command(command, env, job):
+    """Run `command`; its stdout, or RunFailed naming the run and the command's last line."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise errors.RunFailed(f"the {job[0]} run with seed {job[1]} failed: {message}")
+    return done.stdout
+
+
+SCORES = "compare-scores.json"  # in each run's folder: eval.py's scores of its checkpoint
+
+
+def scored(directory, command, env, job):
+    """eval.py's scores for `command`, reused from `directory`'s record while the checkpoint
+    it scores is the one scored then (same size and time), else computed and recorded."""
+    path = os.path.join(directory, SCORES)
+    checkpoint = command[command.index("--model_path") + 1]
+    stat = os.stat(checkpoint)
+    key, stamp = " ".join(command[2:]), [stat.st_size, stat.st_mtime_ns]
+    record = files.read_json_dict(path) or {}
+    if record.get(key, {}).get("checkpoint") == stamp:
+        return record[key]["scores"]
+    scores = parse_scores(run_command(command, env, job))
+    record[key] = {"checkpoint": stamp, "scores": scores}
+    files.atomic_write(path, lambda tmp: _write_json(tmp, record))
+    return scores
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
 def summary(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    """(mean, std) of `values`; std is None for a single value (there is no spread to show)."""
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+
+
+def spread(mean, std, width, digits):
+    """`mean +- std`, or the mean alone (padded alike) when there is one seed."""
+    text = f"{mean:{width}.{digits}f}"
+    return text + (f" +- {std:{digits + 2}.{digits}f}" if std is not None else " " * (digits + 6))
 
 
 def plot(results, out):
@@ -228,13 +292,15 @@ def plot(results, out):
             values = [v[metric] for v in by_seed.values()]
             mean, std = summary(values)
             axis.scatter([x] * len(values), values, color="gray", s=14, zorder=2)
-            axis.errorbar([x + 0.15], [mean], yerr=[std], fmt="o", capsize=5, zorder=3,
-                          color=colours[method])
-        axis.set_xticks(range(len(results)), list(results))
+            axis.errorbar([x + 0.15], [mean], yerr=None if std is None else [std], fmt="o",
+                          capsize=5, zorder=3, color=colours[method])
+        # "SWA 1.5 budgets" beside "SWA" overlapped on one line
+        axis.set_xticks(range(len(results)), [m.replace(" ", "\n", 1) for m in results], fontsize=8)
         axis.set_xlim(-0.5, len(results) - 0.4)
         axis.set_ylabel(LABELS[metric])
         axis.grid(alpha=0.3)
-    fig.suptitle(f"{len(next(iter(results.values())))} seeds, mean +- std (dots: single runs)")
+    seeds = len(next(iter(results.values())))
+    fig.suptitle(f"{seeds} seeds, mean +- std (dots: single runs)" if seeds > 1 else "1 seed")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -267,8 +333,8 @@ def compare(argv):
     print(f"{'method':16s} {'test accuracy (%)':>20s} {'test NLL':>18s} {'test ECE (%)':>16s}")
     for method, by_seed in results.items():
         cells = [summary([v[m] for v in by_seed.values()]) for m in METRICS]
-        print(f"{method:16s} {cells[0][0]:12.2f} +- {cells[0][1]:4.2f} {cells[1][0]:10.4f} +- "
-              f"{cells[1][1]:6.4f} {cells[2][0]:9.2f} +- {cells[2][1]:4.2f}")
+        print(f"{method:16s} {spread(*cells[0], 12, 2)} {spread(*cells[1], 10, 4)} "
+              f"{spread(*cells[2], 9, 2)}")
     out = os.path.join(args.out_dir, "compare.png")
     plot(results, out)
     print(f"per-seed results: {os.path.join(args.out_dir, 'compare.csv')}; plot: {out}")
