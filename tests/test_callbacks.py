@@ -261,6 +261,18 @@ def test_fractional_start_counts_like_lightning():
     assert swa.swa.n == 10 - first == 3
 
 
+@pytest.mark.parametrize("fraction, epochs", [(0.8, 1), (0.4, 2)])
+def test_a_fractional_start_rounding_to_zero_first_trains_at_the_initial_rate(fraction, epochs):
+    # Lightning: int(f * E) = 0, its 0-based swa_start max(0 - 1, 0) = 0: SWALR is made at the
+    # first epoch, which trains at the rate SWALR starts from, then anneals once per epoch.
+    assert max(int(fraction * epochs) - 1, 0) == 0
+    runs, swa = _rates_fit(epochs, swa_start=fraction, swa_lr=0.02, anneal_epochs=2)
+    expected = _swalr_rates(0.1, 0.02, 2, "cos", epochs)
+    assert expected[0] == 0.1
+    assert [runs[0][4 * e][0] for e in range(epochs)] == pytest.approx(expected, rel=1e-5)
+    assert swa.swa.n == epochs
+
+
 def _drive(swa, groups, epochs, steps=4):
     """Run the callback's hooks around plain SGD steps of SumNet, as Model.fit calls them (Paddle
     3.3's fit cannot train an optimizer with parameter groups: its minimize() fails on them).
