@@ -191,6 +191,11 @@ class SWASchedule:
             return max(int(self.swa_start * epochs), 1)
         return self.swa_start
 
+    def takeover_epoch(self, swa_start):
+        """The 0-based epoch from which `rates` are this schedule's own, not the initial ones:
+        the first cycle's with "cyclic", else the first averaged epoch's (`swa_start` resolved)."""
+        return max(swa_start - (self.swa_freq if self.kind == "cyclic" else 1), 0)
+
     def swa_rates(self, groups):
         return list(self.swa_lr) if isinstance(self.swa_lr, list) else [self.swa_lr] * groups
 
