@@ -7,10 +7,9 @@
 
 `SWACallback` conducts; each part below it has one job: `_save_and_load_with` (the callback's
 state beside model.save/load), `_Rates` (the learning rates set during fit and the user's put
-back), `_OptimizerSteps` (which steps update an EMA), `_EvalSwap` (the average in the network
+back, with `_StandIn` in the place of the user's LRScheduler meanwhile), `_OptimizerSteps` (which steps update an EMA), `_EvalSwap` (the average in the network
 while fit evaluates) and `_refresh_batches` (the data of the final BatchNorm refresh).
 """
-import numbers
 import os
 import warnings
 import weakref
@@ -27,7 +26,9 @@ class SWACallback(paddle.callbacks.Callback):
 
     Epochs are counted from 1: with swa_start=15 and swa_freq=1 the network is averaged after
     epochs 15, 16, ... The optimizer's rates are put back as the user configured them when
-    fit ends, so a second fit starts as the first did.
+    fit ends, so a second fit starts as the first did. An optimizer given an LRScheduler
+    follows it (stepped by fit) until SWA's rates begin; the callback then sets the rate
+    (with a warning), and puts the scheduler back when fit ends, as it was when SWA began.
 
     Attaching it to a Model (fit does, or `set_model(model)`) makes `model.save(path)` also
     write the callback's state to `<path>.swa`, and `model.load(path)` read it back: a fit
@@ -126,11 +127,8 @@ class SWACallback(paddle.callbacks.Callback):
                 isinstance(self.bn_data, (list, tuple)) and not self.bn_data)):
             raise ValueError("SWACallback needs bn_data (the training data) to recompute the "
                              "average's BatchNorm statistics, or bn_data=False to skip that")
-        if self.schedule.swa_lr is not None and not isinstance(optimizer._learning_rate,
-                                                               numbers.Real):
-            raise ValueError("SWACallback sets the learning rate itself (swa_lr): give the "
-                             "optimizer a float learning rate, not an LRScheduler")
         configured = self._rates.configured(optimizer)
+        scheduled = isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler)
         pending, self._pending = self._pending or {}, None
         if pending.get("sgd_state") is not None:  # a checkpoint saved after fit: train on from SGD
             utils.load_state_dict(network, pending["sgd_state"], "the SGD weights")
@@ -141,8 +139,10 @@ class SWACallback(paddle.callbacks.Callback):
         if swa_start > epochs:
             raise ValueError(f"swa_start={self.schedule.swa_start} is beyond the fit's {epochs} "
                              "epochs: nothing would be averaged; lower swa_start or fit longer")
-        rates = pending.get("rates") or configured
-        groups = len(rates["groups"]) or 1
+        # the rates SWA's schedule starts from: the user's float ones, or with an LRScheduler
+        # the rates it has reached when the callback takes over (None until then)
+        rates = pending.get("rates") or (None if scheduled else configured)
+        groups = len(configured["groups"]) or 1
         if isinstance(self.schedule.swa_lr, list) and len(self.schedule.swa_lr) != groups:
             raise ValueError(f"swa_lr has {len(self.schedule.swa_lr)} rates, the optimizer "
                              f"{groups} parameter group(s)")
@@ -154,7 +154,7 @@ class SWACallback(paddle.callbacks.Callback):
         optimizer_steps = _OptimizerSteps(self.ema["every"], self.ema["start"],
                                           int(pending.get("optimizer_steps", 0)))
         self._fit = dict(offset=done, epoch=done - 1, swa_start=swa_start, steps=steps, counted=0,
-                         rates=rates, optimizer_steps=optimizer_steps,
+                         rates=rates, configured=configured, optimizer_steps=optimizer_steps,
                          batch_size=self.bn_batch_size, ended=False)
         self.swa = utils.SWA(network, ema_decay=self.ema_decay, ema_warmup=self.ema["warmup"],
                              average_statistics=self.average_statistics, device=self.device)
@@ -165,9 +165,16 @@ class SWACallback(paddle.callbacks.Callback):
         self._fit["epoch"], self._fit["counted"] = self._fit["offset"] + epoch, 0
 
     def on_train_batch_begin(self, step, logs=None):
-        fit = self._fit
-        self._set_rates(self.schedule.rates(fit["epoch"], step, fit["steps"],
-                                            _initial_rates(fit["rates"]), fit["swa_start"]))
+        fit, optimizer = self._fit, self.model._optimizer
+        if self.schedule.swa_lr is None:
+            return  # the user's rates, or LRScheduler, run untouched
+        if fit["rates"] is None:  # the user's LRScheduler runs until the callback takes over
+            if fit["epoch"] < self.schedule.takeover_epoch(fit["swa_start"]):
+                return
+            fit["rates"] = _current_rates(optimizer)
+        rates = self.schedule.rates(fit["epoch"], step, fit["steps"], _initial_rates(fit["rates"]),
+                                    fit["swa_start"])
+        self._rates.set(optimizer, rates, fit["configured"], fit["epoch"])
 
     def on_train_batch_end(self, step, logs=None):
         fit = self._fit
@@ -196,7 +203,8 @@ class SWACallback(paddle.callbacks.Callback):
         self._swap.swap_out(self.model.network)
 
     def on_train_end(self, logs=None):
-        self._set_rates(_initial_rates(self._fit["rates"]), restore=True)
+        if self.schedule.swa_lr is not None:
+            self._rates.put_back(self.model._optimizer, self._fit["configured"])
         if not self.swa.n:
             warnings.warn("SWACallback: fit ended before any model was averaged (0 updates); "
                           "the network keeps its SGD weights", stacklevel=2)
@@ -210,10 +218,6 @@ class SWACallback(paddle.callbacks.Callback):
             engine.bn_update(batches, self.swa, context)
         utils.load_state_dict(network, self.swa.model.state_dict(), "the average")
         self._fit["ended"] = True
-
-    def _set_rates(self, rates, restore=False):
-        if self.schedule.swa_lr is not None:  # else the user's schedule runs untouched
-            self._rates.set(self.model._optimizer, rates, self._fit["rates"], restore)
 
     def restore_sgd(self):
         """Put the last SGD weights back into the network (after fit ended)."""
@@ -261,6 +265,11 @@ def _save_and_load_with(model, owner, state, receive):
 class _Rates:
     """Sets an optimizer's rates during fit and puts the user's back at the end.
 
+    An optimizer given an LRScheduler keeps it until the callback first sets a rate: then the
+    scheduler's place is taken by a `_StandIn` (so fit's LRScheduler callback, which steps what
+    is in the optimizer, no longer moves the rate), and the scheduler itself is put back when
+    fit ends, not stepped meanwhile.
+
     It remembers the rates a fit left the optimizer at (through a weak reference, so no
     optimizer is kept alive by it), so that a fit that failed before putting the user's rates
     back is not taken for the user's configuration by the next fit."""
@@ -269,27 +278,72 @@ class _Rates:
         self.left = None  # (the optimizer, the rates it was left at, the user's rates)
 
     def configured(self, optimizer):
-        """The rates the user gave `optimizer`: its current ones, unless it still runs at those
-        a fit left it at."""
-        current = _current_rates(optimizer)
-        if self.left and self.left[0]() is optimizer and self.left[1] == current:
-            return self.left[2]
-        return current
+        """The rates the user gave `optimizer` (its global rate, or its LRScheduler's current
+        one, and the groups' factors), after putting back those a failed fit left it at."""
+        left = self.left
+        if left and left[0]() is optimizer and left[1] == _current_rates(optimizer):
+            self.put_back(optimizer, left[2])
+        elif isinstance(optimizer._learning_rate, _StandIn):  # left by another callback's fit
+            optimizer.set_lr_scheduler(optimizer._learning_rate.user)
+        return _current_rates(optimizer)
 
-    def set(self, optimizer, rates, configured, restore=False):
-        """Give parameter group g the rate rates[g] (absolute); restore=True puts the user's
-        global rate and group factors (`configured`) back."""
-        if not configured["groups"]:
-            optimizer.set_lr(configured["lr"] if restore else rates[0])
+    def set(self, optimizer, rates, configured, epoch):
+        """Give parameter group g the rate rates[g] (absolute); `configured`: the user's rates;
+        `epoch`: the 0-based epoch under way (for the warning when a scheduler is replaced)."""
+        held = optimizer._learning_rate
+        if isinstance(held, paddle.optimizer.lr.LRScheduler) and not isinstance(held, _StandIn):
+            warnings.warn(f"SWACallback takes the learning rate over from the optimizer's "
+                          f"{type(held).__name__} at epoch {epoch + 1}; the scheduler, not "
+                          "stepped from here, is put back when fit ends", stacklevel=3)
+            optimizer.set_lr_scheduler(_StandIn(held))
+        # Paddle scales each group's rate by the global one: with parameter groups, run with
+        # global 1 and the absolute rates as the groups' factors.
+        global_rate = 1.0 if configured["groups"] else rates[0]
+        if isinstance(optimizer._learning_rate, _StandIn):
+            optimizer._learning_rate.hold(global_rate)
         else:
-            # Paddle scales each group's rate by the global one: run with global 1 and the
-            # absolute rates as the groups' factors, the user's back at the end.
-            optimizer.set_lr(configured["lr"] if restore else 1.0)
-            for group, factor, rate in zip(optimizer._param_groups, configured["groups"], rates):
-                for p in group["params"]:
-                    p.optimize_attr["learning_rate"] = factor if restore else rate
-        self.left = None if restore else (weakref.ref(optimizer), _current_rates(optimizer),
-                                          configured)
+            optimizer.set_lr(global_rate)
+        for group, rate in zip(optimizer._param_groups if configured["groups"] else (), rates):
+            for p in group["params"]:
+                p.optimize_attr["learning_rate"] = rate
+        self.left = (weakref.ref(optimizer), _current_rates(optimizer), configured)
+
+    def put_back(self, optimizer, configured):
+        """The user's global rate, or LRScheduler, and group factors (`configured`) back."""
+        held = optimizer._learning_rate
+        if isinstance(held, _StandIn):
+            optimizer.set_lr_scheduler(held.user)
+        elif not isinstance(held, paddle.optimizer.lr.LRScheduler):
+            optimizer.set_lr(configured["lr"])
+        for group, factor in zip(optimizer._param_groups if configured["groups"] else (),
+                                 configured["groups"]):
+            for p in group["params"]:
+                p.optimize_attr["learning_rate"] = factor
+        self.left = None
+
+
+class _StandIn(paddle.optimizer.lr.LRScheduler):
+    """Holds the place of the user's LRScheduler `user` in the optimizer while the callback
+    sets the rate: stepping it changes nothing, and its state is the user's scheduler's (so a
+    checkpoint saved meanwhile holds that scheduler's state, and loading one restores it)."""
+
+    def __init__(self, user):
+        self.user = user
+        super().__init__(float(user()))
+
+    def get_lr(self):
+        return self.base_lr
+
+    def hold(self, rate):
+        self.base_lr = self.last_lr = float(rate)
+
+    def state_dict(self):
+        return self.user.state_dict()
+
+    def set_state_dict(self, state_dict):
+        self.user.set_state_dict(state_dict)
+
+    set_dict = set_state_dict
 
 
 class _OptimizerSteps:

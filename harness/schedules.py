@@ -151,9 +151,10 @@ class SWASchedule:
 
     Args:
         swa_start: the first averaged epoch (0: from the start), or a fraction f in (0, 1)
-            of the fit's epochs E: then int(f * E), as Lightning's swa_epoch_start counts
-            (0.8 of 10 epochs: the SWA rate from epoch 8, three models averaged, here those
-            at the ends of epochs 8, 9 and 10).
+            of the fit's epochs E: then max(int(f * E), 1), as Lightning's swa_epoch_start
+            counts (its 0-based first SWA epoch is max(int(f * E) - 1, 0)): 0.8 of 10 epochs
+            gives the SWA rate from epoch 8, three models averaged, here those at the ends of
+            epochs 8, 9 and 10; 0.8 of 1 epoch gives epoch 1, trained at the initial rates.
         swa_lr: the SWA rate, one for all parameter groups or a list of one per group; None
             leaves the rates alone.
         swa_freq: average every swa_freq epochs (the cycle length with "cyclic").
@@ -186,7 +187,14 @@ class SWASchedule:
 
     def first_epoch(self, epochs):
         """The first averaged (1-based) epoch of a fit of `epochs` epochs."""
-        return int(self.swa_start * epochs) if isinstance(self.swa_start, float) else self.swa_start
+        if isinstance(self.swa_start, float):
+            return max(int(self.swa_start * epochs), 1)
+        return self.swa_start
+
+    def takeover_epoch(self, swa_start):
+        """The 0-based epoch from which `rates` are this schedule's own, not the initial ones:
+        the first cycle's with "cyclic", else the first averaged epoch's (`swa_start` resolved)."""
+        return max(swa_start - (self.swa_freq if self.kind == "cyclic" else 1), 0)
 
     def swa_rates(self, groups):
         return list(self.swa_lr) if isinstance(self.swa_lr, list) else [self.swa_lr] * groups

@@ -1,5 +1,6 @@
 """callbacks.SWACallback in paddle.Model.fit, against hand-computed rates and numpy averages."""
 import math
+import warnings
 
 import numpy as np
 import paddle
@@ -261,14 +262,27 @@ def test_fractional_start_counts_like_lightning():
     assert swa.swa.n == 10 - first == 3
 
 
-def _drive(swa, groups, epochs, steps=4):
+@pytest.mark.parametrize("fraction, epochs", [(0.8, 1), (0.4, 2)])
+def test_a_fractional_start_rounding_to_zero_first_trains_at_the_initial_rate(fraction, epochs):
+    # Lightning: int(f * E) = 0, its 0-based swa_start max(0 - 1, 0) = 0: SWALR is made at the
+    # first epoch, which trains at the rate SWALR starts from, then anneals once per epoch.
+    assert max(int(fraction * epochs) - 1, 0) == 0
+    runs, swa = _rates_fit(epochs, swa_start=fraction, swa_lr=0.02, anneal_epochs=2)
+    expected = _swalr_rates(0.1, 0.02, 2, "cos", epochs)
+    assert expected[0] == 0.1
+    assert [runs[0][4 * e][0] for e in range(epochs)] == pytest.approx(expected, rel=1e-5)
+    assert swa.swa.n == epochs
+
+
+def _drive(swa, groups, epochs, steps=4, learning_rate=0.1):
     """Run the callback's hooks around plain SGD steps of SumNet, as Model.fit calls them (Paddle
-    3.3's fit cannot train an optimizer with parameter groups: its minimize() fails on them).
+    3.3's fit cannot train an optimizer with parameter groups: its minimize() fails on them),
+    an LRScheduler in the optimizer stepped after each batch as fit's LRScheduler callback does.
     Returns the rates per step and group, read off the weights."""
     net = SumNet()
     model = paddle.Model(net)
-    optimizer = paddle.optimizer.SGD(0.1, parameters=[{"params": [net.a], "learning_rate": 1.0},
-                                                      {"params": [net.b], "learning_rate": groups}])
+    optimizer = paddle.optimizer.SGD(learning_rate, parameters=[
+        {"params": [net.a], "learning_rate": 1.0}, {"params": [net.b], "learning_rate": groups}])
     model.prepare(optimizer, lambda out, label: out.sum())
     swa.set_model(model)
     swa.set_params({"epochs": epochs, "steps": steps, "batch_size": 2})
@@ -284,6 +298,8 @@ def _drive(swa, groups, epochs, steps=4):
             optimizer.clear_grad()
             rates.append([before[0] - float(net.a[0]), before[1] - float(net.b[0])])
             swa.on_train_batch_end(step)
+            if isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler):
+                optimizer._learning_rate.step()
         swa.on_epoch_end(epoch)
     swa.on_train_end()
     return rates, optimizer, net
@@ -300,6 +316,18 @@ def test_per_group_swa_rates():
     assert rates[4] == pytest.approx([0.02, 0.02], rel=1e-5)
     with pytest.raises(ValueError, match="3 rates, the optimizer 2 parameter group"):
         _drive(callbacks.SWACallback(swa_start=1, swa_lr=[0.1, 0.2, 0.3]), 0.5, 1)
+
+
+def test_per_group_swa_rates_take_over_from_a_scheduler_and_hand_it_back():
+    scheduler = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=12)
+    swa = callbacks.SWACallback(swa_start=3, swa_lr=[0.03, 0.01])
+    with pytest.warns(UserWarning, match="CosineAnnealingDecay at epoch 3"):
+        rates, optimizer, net = _drive(swa, 0.5, 3, learning_rate=scheduler)
+    lr = [0.05 * (1 + math.cos(math.pi * t / 12)) for t in range(8)]  # Paddle's cosine, by step
+    expected = [[r, 0.5 * r] for r in lr] + [[0.03, 0.01]] * 4  # the factors 1 and 0.5, then SWA's
+    np.testing.assert_allclose(rates, expected, rtol=1e-5)
+    assert optimizer._learning_rate is scheduler and scheduler.last_epoch == 8
+    assert net.b.optimize_attr["learning_rate"] == pytest.approx(0.5)
 
 
 def test_cyclic_rates_with_an_unsized_loader_are_learnt_from_the_first_epoch():
@@ -509,3 +537,150 @@ def test_the_users_rates_are_read_afresh_at_each_fit_and_a_failed_fit_is_not_tak
     assert optimizer.get_lr() == pytest.approx(0.02)
     model.fit(Unsized(), epochs=1, verbose=0, callbacks=[swa])
     assert optimizer.get_lr() == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- the user's LRScheduler
+
+def _cosine(t, lr, t_max):
+    """Paddle's CosineAnnealingDecay (eta_min 0) after t steps, its documented closed form."""
+    return lr * (1 + math.cos(math.pi * t / t_max)) / 2
+
+
+def _warmup_cosine(t, warmup, start_lr, lr, t_max):
+    """Paddle's LinearWarmup around a CosineAnnealingDecay, as documented: start_lr + (lr -
+    start_lr) t / warmup for t < warmup, then the cosine after t - warmup steps."""
+    return start_lr + (lr - start_lr) * t / warmup if t < warmup else _cosine(t - warmup, lr, t_max)
+
+
+class RateSpy(paddle.callbacks.Callback):
+    """The rate of each batch, read off SumNet's weight a (its gradient is 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, step, logs=None):
+        self.before = float(self.model.network.a[0])
+
+    def on_train_batch_end(self, step, logs=None):
+        self.rates.append(self.before - float(self.model.network.a[0]))
+
+
+def _scheduled(scheduler):
+    net = SumNet()
+    optimizer = paddle.optimizer.SGD(scheduler, parameters=net.parameters())
+    model = paddle.Model(net)
+    model.prepare(optimizer, lambda out, label: out.sum())
+    return model, optimizer
+
+
+def _scheduled_fit(scheduler, epochs, by_epoch, **kwargs):
+    """Fit SumNet (4 batches an epoch) with SGD on `scheduler`, stepped by fit's own LRScheduler
+    callback (by step) or by one given by epoch; the rates per batch and the optimizer."""
+    model, optimizer = _scheduled(scheduler)
+    spy = RateSpy()
+    stepper = [paddle.callbacks.LRScheduler(by_step=False, by_epoch=True)] if by_epoch else []
+    model.fit(Unsized(), epochs=epochs, verbose=0,
+              callbacks=[callbacks.SWACallback(**kwargs), spy, *stepper])
+    return spy.rates, optimizer
+
+
+@pytest.mark.parametrize("by_epoch", [False, True])
+def test_a_cosine_scheduler_runs_until_swa_start_then_swa_lr_and_is_handed_back(by_epoch):
+    t_max = 6 if by_epoch else 24
+    scheduler = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=t_max)
+    with pytest.warns(UserWarning, match="over from the optimizer's CosineAnnealingDecay at epoch 4"):
+        rates, optimizer = _scheduled_fit(scheduler, 6, by_epoch, swa_start=4, swa_lr=0.02)
+    steps = [e if by_epoch else 4 * e + s for e in range(3) for s in range(4)]  # epochs 1 to 3
+    expected = [_cosine(t, 0.1, t_max) for t in steps] + [0.02] * 12
+    assert rates == pytest.approx(expected, abs=2e-6)
+    # handed back as SWA found it: stepped 3 epochs' worth, not 6
+    assert optimizer._learning_rate is scheduler
+    assert scheduler.last_epoch == (3 if by_epoch else 12)
+    assert optimizer.get_lr() == pytest.approx(_cosine(scheduler.last_epoch, 0.1, t_max))
+
+
+@pytest.mark.parametrize("by_epoch", [False, True])
+def test_a_warm_up_scheduler_hands_over_to_swalr_annealing_from_the_rate_it_reached(by_epoch):
+    warmup, t_max = (2, 5) if by_epoch else (4, 20)
+    scheduler = paddle.optimizer.lr.LinearWarmup(
+        paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=t_max), warmup, 0.01, 0.1)
+    with pytest.warns(UserWarning, match="LinearWarmup at epoch 4"):
+        rates, optimizer = _scheduled_fit(scheduler, 6, by_epoch, swa_start=4, swa_lr=0.02,
+                                          anneal_epochs=2, anneal_strategy="linear")
+    position = (lambda e, s: e) if by_epoch else (lambda e, s: 4 * e + s)
+    before = [_warmup_cosine(position(e, s), warmup, 0.01, 0.1, t_max)
+              for e in range(3) for s in range(4)]
+    reached = _warmup_cosine(position(3, 0), warmup, 0.01, 0.1, t_max)  # when SWA begins
+    swalr = _swalr_rates(reached, 0.02, 2, "linear", 3)  # epochs 4 to 6
+    assert rates == pytest.approx(before + [r for r in swalr for _ in range(4)], abs=2e-6)
+    assert optimizer._learning_rate is scheduler and scheduler.last_epoch == position(3, 0)
+
+
+def test_cyclic_rates_take_over_from_a_scheduler_at_the_first_cycle():
+    scheduler = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=16)
+    with pytest.warns(UserWarning, match="CosineAnnealingDecay at epoch 3"):
+        rates, optimizer = _scheduled_fit(scheduler, 4, False, swa_start=4, swa_freq=2,
+                                          swa_lr=0.02, lr_schedule="cyclic")
+    # the SWA paper's cycle over epochs 3 and 4 (8 batches): (1 - t) a1 + t a2 with t = i / 8,
+    # i = 1..8, from a1 = the rate the cosine reached after 8 steps down to a2 = swa_lr
+    start = _cosine(8, 0.1, 16)
+    cycle = [(1 - i / 8) * start + i / 8 * 0.02 for i in range(1, 9)]
+    assert rates == pytest.approx([_cosine(t, 0.1, 16) for t in range(8)] + cycle, abs=2e-6)
+    assert optimizer._learning_rate is scheduler and scheduler.last_epoch == 8
+
+
+def _quietly(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stop", [2, 5])  # the checkpoint before SWA takes over, or after
+def test_a_resumed_fit_with_a_scheduler_runs_and_hands_it_back_as_one_uninterrupted(tmp_path, stop):
+    kwargs = dict(swa_start=4, swa_lr=0.02, anneal_epochs=2, anneal_strategy="linear")
+    whole = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=24)
+    rates, _ = _quietly(_scheduled_fit, whole, 6, False, **kwargs)
+    expected = [_cosine(t, 0.1, 24) for t in range(12)] + \
+        [r for r in _swalr_rates(_cosine(12, 0.1, 24), 0.02, 2, "linear", 3) for _ in range(4)]
+    assert rates == pytest.approx(expected, abs=2e-6)
+    with paddle.utils.unique_name.guard():
+        model, _ = _scheduled(paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=24))
+        first = RateSpy()
+        _quietly(model.fit, Unsized(), epochs=6, verbose=0, save_dir=str(tmp_path), save_freq=1,
+                 callbacks=[callbacks.SWACallback(**kwargs), first, StopAfter(stop)])
+    with paddle.utils.unique_name.guard():
+        scheduler = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=24)
+        model, optimizer = _scheduled(scheduler)
+        swa, second = callbacks.SWACallback(**kwargs), RateSpy()
+        swa.set_model(model)
+        model.load(str(tmp_path / str(stop - 1)))
+        _quietly(model.fit, Unsized(), epochs=6 - stop, verbose=0, callbacks=[swa, second])
+    assert first.rates + second.rates == rates
+    assert optimizer._learning_rate is scheduler
+    assert scheduler.last_epoch == whole.last_epoch == 12 and scheduler() == whole()
+
+
+def test_a_fit_failed_after_the_takeover_leaves_the_next_fit_the_users_scheduler():
+    scheduler = paddle.optimizer.lr.CosineAnnealingDecay(0.1, T_max=8)
+    model, optimizer = _scheduled(scheduler)
+    swa = callbacks.SWACallback(swa_start=2, swa_lr=0.02)
+
+    class Fails(paddle.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, step, logs=None):
+            if self.epoch == 1:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="takes the learning rate"):
+        model.fit(Unsized(), epochs=2, verbose=0, callbacks=[swa, Fails()])
+    assert optimizer.get_lr() == pytest.approx(0.02)  # fit stopped with SWA's rate in place
+    spy = RateSpy()
+    with pytest.warns(UserWarning, match="takes the learning rate"):
+        model.fit(Unsized(), epochs=2, verbose=0, callbacks=[swa, spy])
+    # the scheduler on from where SWA took it (4 steps), then SWA's rate again
+    expected = [_cosine(t, 0.1, 8) for t in range(4, 8)] + [0.02] * 4
+    assert spy.rates == pytest.approx(expected, abs=2e-6)
+    assert optimizer._learning_rate is scheduler and scheduler.last_epoch == 8
