@@ -16,6 +16,7 @@ import harness
 harness.prepare()  # before Paddle loads: the math library's path, Paddle's import-time warnings
 from harness import checkpoints, cli, errors  # noqa: E402
 from harness import scoring  # noqa: E402
+import utils  # noqa: E402
 
 EXAMPLES = """examples:
   python eval.py --model_path runs/digits/checkpoint-60.pdparams
@@ -40,10 +41,16 @@ def build_parser():
                       help="average the predictions of S models sampled from SWAG (30 in the "
                            "paper), each after a BatchNorm refresh, and compare SGD, SWA and SWAG "
                            "(default: 0, off)")
-    swag.add_argument("--swag_scale", type=cli.NON_NEGATIVE_FLOAT, default=0.5, metavar="SCALE",
-                      help="covariance scale of the samples (default: 0.5)")
+    swag.add_argument("--swag_scale", type=cli.NON_NEGATIVE_FLOAT, metavar="SCALE",
+                      help="covariance scale of the samples (default: the SWAG authors' values, "
+                           "0.5 for SWAG, 1 with --swag_diag)")
     swag.add_argument("--swag_diag", action="store_true",
                       help="sample from the diagonal covariance only, SWAG-diagonal (default: off)")
+    swag.add_argument("--swag_rank_divisor", choices=utils.SWAG.RANK_DIVISORS,
+                      help="divide the low-rank term by sqrt(K - 1), K the deviations held "
+                           "(held), or by sqrt(--swag_rank - 1) always, as the authors' code "
+                           "does (max_rank); the two differ only before the rank is full "
+                           "(default: held)")
     swag.add_argument("--seed", type=cli.SEED, default=0,
                       help="seed of the samples; sample i uses seed + i (default: 0)")
     fge = p.add_argument_group("ensembles (FGE: checkpoints of train.py --fge)")
@@ -79,9 +86,11 @@ def evaluate(args):
                for weights in wanted if weights == "SGD" or has_swa}
     if args.swag_samples:
         probs, labels, swag = scoring.swag_average(ckpt, trained, args.swag_samples,
-                                                   args.swag_scale, args.swag_diag, args.seed)
+                                                   args.swag_scale, args.swag_diag, args.seed,
+                                                   args.swag_rank_divisor)
         results["SWAG"] = dict(scoring.scores(probs, labels), count=len(labels), probs=probs,
-                               labels=labels, swag_n=swag.n, rank=len(swag.deviations))
+                               labels=labels, swag_n=swag.n, rank=len(swag.deviations),
+                               max_rank=swag.max_rank)
     members = ensemble_paths(args, ckpt)
     if members:
         probs, labels, _ = scoring.ensemble(trained, members)
@@ -118,6 +127,8 @@ def describe(weights, result, info, args):
         return (f"{kind} {len(result['members'])} checkpoints "
                 f"({', '.join(result['members'])}; probabilities averaged)")
     kind = "diagonal" if args.swag_diag else f"diagonal + rank {result['rank']}"
+    if args.swag_rank_divisor == "max_rank":
+        kind += f" divided by sqrt({result['max_rank']} - 1)"
     return (f"SWAG ({args.swag_samples} samples, scale {args.swag_scale:g}, {kind} covariance, "
             f"from {result['swag_n']} models)")
 
@@ -133,8 +144,17 @@ def check_flags(args):
     if args.reliability:
         cli.check_output(args.reliability, "--reliability", args.overwrite,
                          (".png", ".pdf", ".svg", ".jpg", ".jpeg"), what="figure")
-    if (args.swag_diag or args.swag_scale != 0.5) and not args.swag_samples:
-        raise errors.UsageError("--swag_diag and --swag_scale shape the SWAG samples: add --swag_samples S")
+    shaping = [f"--{name}" for name in ("swag_diag", "swag_scale", "swag_rank_divisor")
+               if getattr(args, name) not in (None, False)]
+    if shaping and not args.swag_samples:
+        verb = "shape" if len(shaping) > 1 else "shapes"
+        raise errors.UsageError(f"{' and '.join(shaping)} {verb} the SWAG samples: add --swag_samples S")
+    if args.swag_diag and args.swag_rank_divisor:
+        raise errors.UsageError("--swag_rank_divisor divides the low-rank term, which --swag_diag "
+                                "drops: choose one")
+    if args.swag_scale is None:  # the authors' values (swa_gaussian's uncertainty experiments)
+        args.swag_scale = utils.SWAG.SCALE_DIAGONAL if args.swag_diag else utils.SWAG.SCALE
+    args.swag_rank_divisor = args.swag_rank_divisor or "held"
     if args.sgd and (args.swag_samples or args.reliability or args.ensemble or args.ensemble_of):
         flag = next(f"--{name}" for name in ("swag_samples", "reliability", "ensemble", "ensemble_of")
                     if getattr(args, name))

@@ -252,6 +252,11 @@ class SWAG(SWA):
 
     D the K deviations held (as columns), z1, z2 standard normal, var = mean of squares -
     mean^2 clamped at `VARIANCE_FLOOR`: covariance scale * (diag(var) + D D^T / (K - 1)).
+    The divisor differs from the SWAG authors' code (swa_gaussian), which divides by
+    sqrt(max_rank - 1) however many deviations it holds: the same once K = max_rank, but
+    before that its low-rank noise is smaller (3 of 5 held: ours is sqrt(4 / 2) = 1.41 times
+    larger). K - 1 is the sample covariance's divisor for the K deviations there are, so it is
+    the default here; `sample(rank_divisor="max_rank")` reproduces the authors' samples.
     The variance is accumulated as a sum of squared deviations (Welford's update), which,
     unlike a float32 mean of squares minus the squared mean, does not lose its digits when
     the spread is small beside the mean (BatchNorm scales near 1); `sq_mean()` gives the mean
@@ -260,18 +265,22 @@ class SWAG(SWA):
 
     Args:
         model: the model being trained.
-        max_rank: K, the number of deviations kept (20 in the paper).
+        max_rank: the most deviations kept (20 in the paper); K grows to it, then stays.
 
-    Memory: K + 2 float32 copies of the weights (mean, variance, K deviations).
+    Memory: max_rank + 2 float32 copies of the weights (mean, variance, K deviations).
 
     Example:
         >>> swag = SWAG(model, max_rank=20)
         >>> swag.update(model)                        # at SWA's averaging epochs
-        >>> sample = swag.sample(scale=0.5, seed=0)   # a Layer like model
+        >>> sample = swag.sample(seed=0)              # a Layer like model (scale 0.5)
         >>> bn_update(train_loader, sample); evaluate(sample)
     """
 
     VARIANCE_FLOOR = 1e-30
+    # The covariance scales of the authors' uncertainty experiments (swa_gaussian's
+    # experiments/uncertainty README): 0.5 for SWAG, 1 for SWAG-diagonal.
+    SCALE, SCALE_DIAGONAL = 0.5, 1.0
+    RANK_DIVISORS = ("held", "max_rank")
 
     def __init__(self, model, max_rank=20):
         if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 2:
@@ -311,28 +320,39 @@ class SWAG(SWA):
         mean = self.flat(self._model)
         return self.var_sum / max(self.n, 1) + mean * mean
 
-    def sample(self, scale=0.5, cov=True, seed=None, out=None):
+    def sample(self, scale=None, cov=True, seed=None, out=None, rank_divisor="held"):
         """Draw a model from the Gaussian (see the class).
 
         Args:
-            scale: the covariance scale (0.5 in the paper; 0 gives the mean).
+            scale: the covariance scale (0 gives the mean); None: the authors' values, 0.5
+                (`SCALE`) with the low-rank term, 1 (`SCALE_DIAGONAL`) without.
             cov: include the low-rank term (False: SWAG-diagonal). Needs 2 updates or more.
             seed: seed of the draw: the same seed gives the same sample; None draws afresh.
-                The draw uses its own numpy generator, so Paddle's global one is untouched.
+                The draw uses its own numpy generator (z1 first, then z2), so Paddle's
+                global one is untouched.
             out: a Layer of the same architecture to write the sample into (reused between
                 samples to save memory); None makes a new one.
+            rank_divisor: "held" divides the low-rank term by sqrt(K - 1), K the deviations
+                held; "max_rank" by sqrt(max_rank - 1) always, as swa_gaussian does (see the
+                class).
 
         Returns:
             The sampled Layer, float32, its BatchNorm statistics the averaged ones.
         """
         if self.n == 0:
             raise ValueError("SWAG.sample: no model has been collected (call update first)")
+        if scale is None:
+            scale = self.SCALE if cov else self.SCALE_DIAGONAL
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+        if rank_divisor not in self.RANK_DIVISORS:
+            raise ValueError(f"rank_divisor must be one of {', '.join(self.RANK_DIVISORS)}, "
+                             f"got {rank_divisor!r}")
         rank = len(self.deviations)
         if cov and rank < 2:
             raise ValueError(f"SWAG.sample: the low-rank term needs 2 or more collected models, "
                              f"there is {rank}; pass cov=False for SWAG-diagonal")
+        divisor = math.sqrt((rank if rank_divisor == "held" else self.max_rank) - 1)
         rng = np.random.default_rng(seed)
         with paddle.no_grad():
             mean = self.flat(self._model)
@@ -341,7 +361,7 @@ class SWAG(SWA):
             if cov:
                 z2 = rng.standard_normal(rank, dtype=np.float32)
                 for weight, deviation in zip(z2, self.deviations):
-                    noise += deviation * float(weight / math.sqrt(rank - 1))
+                    noise += deviation * float(weight / divisor)
             theta = mean + math.sqrt(scale) * noise
             sample = _float32_copy(self._model) if out is None else out
             if out is not None:

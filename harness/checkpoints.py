@@ -446,10 +446,56 @@ def load_checkpoint(path):
 
 def read_weights(path, what="--init"):
     """The weights in `path`: a state dict saved with paddle.save, or a checkpoint's SGD weights."""
-    weights = read_file(path, what)
-    if isinstance(weights, dict) and isinstance(weights.get("state_dict"), dict):
-        weights = weights["state_dict"]
-    return weights if isinstance(weights, dict) else {}
+    return read_start(path, what)[0]
+
+
+def read_start(path, what="--init", optimizer=False):
+    """(weights, optimizer state) of a run's start from `path`: its weights as `read_weights`
+    reads them, and with `optimizer` the checkpoint's optimizer state (else None).
+
+    Raises:
+        CheckpointError: with `optimizer`, the file holds no optimizer state (a plain state
+            dict, a checkpoint written before the first step, an FGE snapshot).
+    """
+    data = read_file(path, what)
+    is_checkpoint = isinstance(data, dict) and isinstance(data.get("state_dict"), dict)
+    weights = data["state_dict"] if is_checkpoint else data if isinstance(data, dict) else {}
+    if not optimizer:
+        return weights, None
+    state = data.get("optimizer") if is_checkpoint else None
+    if not state or not isinstance(state, dict):
+        kind = ("a checkpoint saved before the first step, or an FGE snapshot" if is_checkpoint
+                else "weights alone, not a checkpoint")
+        raise errors.CheckpointError(f"--init_optimizer: {path} holds no optimizer state ({kind}); "
+                                     "give a checkpoint of a run after some training, or drop "
+                                     "--init_optimizer")
+    return weights, state
+
+
+def load_optimizer_state(optimizer, model, state, source):
+    """Load `state`, another run's optimizer state, into `optimizer`, the fresh Momentum
+    optimizer of `model`'s trainable parameters, if it fits: one momentum buffer per parameter
+    under the name Paddle gives it (`<parameter name>_velocity_0`), of the parameter's shape,
+    finite, and nothing else. CheckpointError naming the first misfit, before any change."""
+    named = {p.name: name for name, p in model.named_parameters() if p.trainable}
+    shapes = {f"{p.name}_velocity_0": list(p.shape) for p in model.parameters() if p.trainable}
+    extra = sorted(set(state) - set(shapes))
+    if extra:
+        raise errors.CheckpointError(f"{source}: its optimizer state holds {extra[0]}, which this "
+                                     "run's optimizer has not (another model, optimizer or --amp "
+                                     "O2); drop --init_optimizer")
+    for key, shape in shapes.items():
+        value = state.get(key)
+        layer = named[key[:-len("_velocity_0")]]
+        if not isinstance(value, (paddle.Tensor, np.ndarray)):
+            raise errors.CheckpointError(f"{source}: its optimizer state has no momentum for "
+                                         f"{layer} ({key}); drop --init_optimizer")
+        if list(value.shape) != shape:
+            raise errors.CheckpointError(f"{source}: its momentum for {layer} has shape "
+                                         f"{list(value.shape)}, the parameter {shape}; drop "
+                                         "--init_optimizer")
+    check_finite_optimizer(state, source)
+    optimizer.set_state_dict(state)
 
 
 def load_weights(model, state_dict, source="state dict"):
@@ -489,7 +535,8 @@ def check_variances(state_dict, source="state dict"):
 
 def check_finite_optimizer(state, path):
     """Refuse a checkpoint whose optimizer state (momentum buffers, O2's master weights) holds
-    NaN or infinity: finite weights would be driven to NaN by the first step after resuming."""
+    NaN or infinity: finite weights would be driven to NaN by the first step after resuming.
+    `path`: the checkpoint, or "--flag path" when it came from another flag than --resume."""
     def walk(value, key):
         if isinstance(value, dict):
             for k, v in value.items():
@@ -499,9 +546,10 @@ def check_finite_optimizer(state, path):
 
     for key, array in walk(state or {}, ""):
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise errors.CheckpointError(f"--resume {path}: the optimizer state {key} holds NaN or "
+            source = path if str(path).startswith("--") else f"--resume {path}"
+            raise errors.CheckpointError(f"{source}: the optimizer state {key} holds NaN or "
                                          "infinite values (the run diverged before it was saved?); "
-                                         "resume from an earlier checkpoint")
+                                         "use an earlier checkpoint")
 
 
 def kept_checkpoints(directory):

@@ -23,8 +23,8 @@ EXAMPLES = """examples:
 """
 # The flags a resume may change, in words (the others define the run: see Config).
 MAY_CHANGE = ("--epochs (upward)", "--eval_freq", "--save_freq", "--dir", "--data_path",
-              "--num_workers", "--no_download", "--no_visualdl", "--init", "--device", "--threads",
-              "the number of processes (at an epoch's end)")
+              "--num_workers", "--no_download", "--no_visualdl", "--init", "--init_optimizer",
+              "--device", "--threads", "the number of processes (at an epoch's end)")
 # Values of flags newer than a checkpoint, as the code that wrote it behaved.
 LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20,
           "normalization": "dataset", "val_size": 0, "amp": None, "amp_dtype": "float16",
@@ -33,17 +33,18 @@ LEGACY = {"ema_decay": None, "ema_warmup": False, "swag": False, "swag_rank": 20
 # None, so that one given without the other is refused (it would do nothing), and these are
 # filled in after parsing.
 DEPENDENT = {"swa_start": 161, "swa_lr": 0.05, "swa_c_epochs": 1, "swag_rank": 20, "fge_cycle": 4,
-             "fge_lr1": 0.05, "fge_lr2": 0.0005, "amp_dtype": "float16"}
+             "fge_lr1": 0.05, "fge_lr2": 0.0001, "amp_dtype": "float16", "init_optimizer": False}
 # What each works with: (in words, the fix, whether this run has it).
 NEEDS = {
     "swa_start": ("--swa or --fge", "--swa (or --fge)", lambda a: a.swa or a.fge),
     "swa_lr": ("--swa or --fge", "--swa (or --fge)", lambda a: a.swa or a.fge),
-    "swa_c_epochs": ("--swa", "--swa", lambda a: a.swa),
+    "swa_c_epochs": ("--swa", "--swa", lambda a: a.swa and not a.fge),  # --fge: refused before
     "swag_rank": ("--swag", "--swa --swag", lambda a: a.swag),
     "fge_cycle": ("--fge", "--fge", lambda a: a.fge),
     "fge_lr1": ("--fge", "--fge", lambda a: a.fge),
     "fge_lr2": ("--fge", "--fge", lambda a: a.fge),
     "amp_dtype": ("--amp", "--amp O1 (or O2)", lambda a: a.amp),
+    "init_optimizer": ("--init", "--init CHECKPOINT", lambda a: a.init),
 }
 
 
@@ -93,6 +94,7 @@ class Config:
     no_download: bool = _may_change()
     no_visualdl: bool = _may_change()
     init: str | None = _may_change()
+    init_optimizer: bool = _may_change()
     device: str = _may_change()
     threads: int = _may_change()
     resume: str | None = _starts()
@@ -204,10 +206,11 @@ def build_parser():
     swa.add_argument("--swa_start", type=cli.number(int, 0), metavar="N",
                      help=f"SWA start epoch number (default: {DEPENDENT['swa_start']})")
     swa.add_argument("--swa_lr", type=cli.POSITIVE_FLOAT, metavar="LR",
-                     help=f"SWA LR (default: {DEPENDENT['swa_lr']})")
+                     help="SWA LR; with --fge, the rate the schedule decays to before the cycles "
+                          f"(default: {DEPENDENT['swa_lr']})")
     swa.add_argument("--swa_c_epochs", type=cli.POSITIVE_INT, metavar="N",
-                     help="SWA model collection frequency/cycle length in epochs "
-                          f"(default: {DEPENDENT['swa_c_epochs']})")
+                     help="SWA model collection frequency/cycle length in epochs; not with --fge, "
+                          f"whose snapshots are averaged (default: {DEPENDENT['swa_c_epochs']})")
     swa.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="linear",
                      help="linear: the original (constant, linear ramp to --swa_lr, constant); "
                           "cyclic: per-iteration cycles from --lr_init down to --swa_lr ending at "
@@ -241,12 +244,18 @@ def build_parser():
     fge.add_argument("--fge_lr1", type=cli.POSITIVE_FLOAT, metavar="LR",
                      help=f"the rate at each cycle's start and end (default: {DEPENDENT['fge_lr1']})")
     fge.add_argument("--fge_lr2", type=cli.POSITIVE_FLOAT, metavar="LR",
-                     help="the rate at each cycle's midpoint, where the snapshot is taken "
+                     help="the rate at each cycle's midpoint, where the snapshot is taken; the "
+                          "default is that of the FGE authors' fge.py "
                           f"(default: {DEPENDENT['fge_lr2']})")
     swa.add_argument("--init", metavar="WEIGHTS", type=cli.path_argument,
                      help="start from these weights: a .pdparams state dict or a checkpoint of "
                           "this code (its SGD weights); with --swa_start 0, SWA fine-tunes them. "
                           "Ignored when --resume finds a checkpoint (default: None)")
+    swa.add_argument("--init_optimizer", action="store_true", default=None,
+                     help="with --init CHECKPOINT, also take its optimizer state (the momentum), "
+                          "so SGD continues as it would have in that run, e.g. FGE or SWA "
+                          "from an SGD checkpoint; refused when the checkpoint has none or it "
+                          "does not fit this model (default: off)")
 
     hardware = p.add_argument_group("hardware")
     cli.add_hardware_flags(hardware)
@@ -264,6 +273,9 @@ def parse_args(argv=None):
     """The Config of train.py's command line `argv`; UsageError (one line) for flags that do
     not go together or would do nothing."""
     args = build_parser().parse_args(argv)
+    if args.fge and args.swa_c_epochs is not None:
+        raise errors.UsageError(f"--swa_c_epochs {args.swa_c_epochs}: with --fge the average takes "
+                                "FGE's snapshots, one per --fge_cycle epochs; drop --swa_c_epochs")
     check_dependent(args)
     if args.lr_schedule == "cyclic" and not args.swa:
         raise errors.UsageError("--lr_schedule cyclic is SWA's schedule: add --swa (and --swa_start, --swa_lr)")
@@ -278,6 +290,10 @@ def parse_args(argv=None):
     if args.fge and args.lr_schedule == "cyclic":
         raise errors.UsageError("--fge brings its own cyclic rate from --swa_start on: drop "
                                 "--lr_schedule cyclic")
+    if args.init_optimizer and args.amp == "O2":
+        raise errors.UsageError("--init_optimizer does not carry --amp O2's float32 master weights "
+                                "over (not built: no GPU to test it); drop --init_optimizer or use "
+                                "--amp O1")
     if args.swag and args.ema_decay is not None:
         raise errors.UsageError("--swag fits a Gaussian around SWA's equal average: drop --ema_decay")
     try:
@@ -297,7 +313,8 @@ def check_dependent(args):
         if value is None:
             setattr(args, flag, DEPENDENT[flag])
         elif not active(args):
-            raise errors.UsageError(f"--{flag} {value} needs {needs} (without, it does nothing): "
+            given = f"--{flag}" if value is True else f"--{flag} {value}"
+            raise errors.UsageError(f"{given} needs {needs} (without, it does nothing): "
                                     f"add {fix}, or drop --{flag}")
 
 

@@ -81,9 +81,10 @@ def evaluate_weights(trained, ckpt, weights, source, bn_update=False):
     return dict(test_scores(trained.model, trained.ds, trained.batch_size), refreshed=refreshed)
 
 
-def swag_average(ckpt, trained, samples, scale, diagonal, seed):
-    """Bayesian model average of `samples` SWAG samples: mean probabilities on the test set,
-    the labels and the SWAG. Each sample's BatchNorm statistics are recomputed first."""
+def swag_average(ckpt, trained, samples, scale, diagonal, seed, rank_divisor="held"):
+    """Bayesian model average of `samples` SWAG samples (`utils.SWAG.sample`'s `scale`,
+    `rank_divisor`; `diagonal`: SWAG-diagonal): mean probabilities on the test set, the labels
+    and the SWAG. Each sample's BatchNorm statistics are recomputed first."""
     if ckpt.swag_var_sum is None:
         raise errors.UsageError("--swag_samples: the checkpoint holds no SWAG statistics; train "
                                 "with --swa --swag")
@@ -102,7 +103,8 @@ def swag_average(ckpt, trained, samples, scale, diagonal, seed):
     progress = report.Progress(sys.stderr)
     progress.start("SWAG samples", samples)
     for i in range(samples):
-        sample = swag.sample(scale=scale, cov=not diagonal, seed=seed + i, out=sample)
+        sample = swag.sample(scale=scale, cov=not diagonal, seed=seed + i, out=sample,
+                             rank_divisor=rank_divisor)
         utils.bn_update(trained.refresh_batches(), sample)
         probs, labels = predict(sample, trained.ds, trained.batch_size)
         total = probs if total is None else total + probs

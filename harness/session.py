@@ -231,12 +231,15 @@ def build_run(config, env, plan, device, ckpt=None):
     ds = load_data(config, env)
     paddle.seed(config.seed)
     model = models.build(config.model, ds.num_classes, ds.image_shape[0])
+    started = None  # --init's optimizer state, with --init_optimizer
     if config.init and not plan.resume:
-        checkpoints.load_weights(model, checkpoints.read_weights(config.init),
-                                 source=f"--init {config.init}")
+        weights, started = checkpoints.read_start(config.init, optimizer=config.init_optimizer)
+        checkpoints.load_weights(model, weights, source=f"--init {config.init}")
     optimizer = paddle.optimizer.Momentum(
         learning_rate=config.lr_init, momentum=config.momentum, weight_decay=config.wd or None,
         parameters=[p for p in model.parameters() if p.trainable])
+    if started is not None:  # the momentum carries on (Paddle takes it up at the first step)
+        checkpoints.load_optimizer_state(optimizer, model, started, f"--init {config.init}")
     if config.amp == "O2":  # half-precision weights, float32 master weights in the optimizer
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2",
                                                dtype=config.amp_dtype, master_weight=True)
@@ -338,11 +341,13 @@ def describe(config, run, device, cpu):
             + (f" = {env.world_size} processes x {c.batch_size // env.world_size}"
                if env.enabled else "")
             + (f"; AMP {c.amp} {c.amp_dtype}" if c.amp else "")
-            + (f"; FGE from epoch {c.swa_start}, cycles of {c.fge_cycle}" if c.fge else "")
+            + (f"; FGE from epoch {c.swa_start}, cycles of {c.fge_cycle} (the lr column: each "
+               "epoch's first batch)" if c.fge else "")
             + kind + (f" + SWAG (rank {c.swag_rank})" if c.swag else "")
             + f", {c.lr_schedule} schedule"
             + (f"; resuming from {run.plan.resume}" if run.plan.resume else "")
-            + (f"; starting from {c.init}" if c.init and not run.plan.resume else ""))
+            + (f"; starting from {c.init}" + (" with its momentum" if c.init_optimizer else "")
+               if c.init and not run.plan.resume else ""))
 
 
 def eval_columns(run, model, prefix="", split=None):

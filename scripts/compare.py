@@ -9,7 +9,9 @@ For each seed, train.py runs twice with the same number of epochs: SGD with the 
 schedule (decaying to lr_init/100) and SWA (decaying to --swa_lr, then averaging; with
 --swag_samples it also fits SWAG). eval.py then scores the final checkpoints on the test set:
 accuracy, NLL and ECE of SGD and SWA, and with --swag_samples of SWAG-diagonal and SWAG's
-Bayesian model averages of that many samples. Flags after `--` go to every train.py run.
+Bayesian model averages of that many samples, at eval.py's covariance scales (the SWAG
+authors': 0.5 for SWAG, 1 for SWAG-diagonal), printed with the results. Flags after `--` go
+to every train.py run.
 Every run's command is checked by train.py's own flag checks before anything is trained or
 --out_dir is made: a run train.py would refuse is one line, exit 2.
 
@@ -174,12 +176,16 @@ def run_dir(args, method, seed):
 
 
 def parse_scores(output):
-    """{weights: {accuracy, nll, ece}} from eval.py's lines."""
+    """{weights: {accuracy, nll, ece}} from eval.py's lines; SWAG's also holds the covariance
+    `scale` eval.py says it sampled at."""
     found = {}
     for line in output.splitlines():
         match = re.match(r"(SGD|SWA|SWAG|FGE)\b.*: accuracy ([\d.]+)%  NLL ([\d.]+)  ECE ([\d.]+)%", line)
         if match:
             found[match[1]] = dict(zip(METRICS, map(float, match.groups()[1:])))
+            scale = re.match(r"SWAG \(\d+ samples, scale ([^,]+),", line)
+            if scale:
+                found[match[1]]["scale"] = float(scale[1])
     return found
 
 
@@ -327,7 +333,12 @@ def compare(argv):
             for seed, values in sorted(by_seed.items()):
                 writer.writerow([method, seed] + [values[m] for m in METRICS])
     noise = f", {args.label_noise:.0%} of training labels replaced" if args.label_noise else ""
-    swag = f"; SWAG from {args.swag_samples} samples" if args.swag_samples else ""
+    swag = ""
+    if args.swag_samples:  # the scales eval.py used (its defaults: the SWAG authors' values)
+        scales = {name: sorted({v["scale"] for v in results[name].values()})
+                  for name in ("SWAG", "SWAG-diag") if name in results}
+        swag = f"; SWAG from {args.swag_samples} samples" + "".join(
+            f", {name} at scale {'/'.join(f'{s:g}' for s in values)}" for name, values in scales.items())
     print(f"{args.model} on {args.dataset}, {args.epochs} epochs each{noise}; SWA from epoch "
           f"{args.swa_start} at lr {args.swa_lr}{swag}; seeds {' '.join(map(str, args.seeds))}")
     print(f"{'method':16s} {'test accuracy (%)':>20s} {'test NLL':>18s} {'test ECE (%)':>16s}")

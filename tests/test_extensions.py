@@ -184,7 +184,9 @@ def test_compare_script_reports_every_method_with_eval_scores(tmp_path):
                         "--swa_start", 2, "--label_noise", 0.2, "--swag_samples", 2,
                         "--methods", "sgd", "swa", "fge", "--out_dir", out_dir)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "20% of training labels replaced" in result.stdout and "SWAG from 2 samples" in result.stdout
+    assert "20% of training labels replaced" in result.stdout
+    # eval.py's scales, the SWAG authors': 0.5 for SWAG, 1 for SWAG-diagonal
+    assert "SWAG from 2 samples, SWAG at scale 0.5, SWAG-diag at scale 1;" in result.stdout
     for method in ("SGD", "FGE", "SWA", "SWAG-diag", "SWAG"):  # one seed: no spread shown
         assert re.search(rf"^{method}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s*$", result.stdout, re.M), method
     assert "+-" not in result.stdout and result.stderr.count("trained and scored in") == 3

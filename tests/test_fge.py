@@ -57,8 +57,23 @@ def test_the_rate_over_an_odd_cycle_is_the_authors_triangle(epoch, i, rate):
 
 
 @pytest.fixture(scope="module")
-def fge_run(tmp_path_factory):
-    return finished_run(tmp_path_factory, "fge", *FGE)[0]
+def fge_result(tmp_path_factory):
+    return finished_run(tmp_path_factory, "fge", *FGE)
+
+
+@pytest.fixture(scope="module")
+def fge_run(fge_result):
+    return fge_result[0]
+
+
+def test_the_lr_column_is_labelled_as_the_rate_of_each_epochs_first_batch(fge_result):
+    run_dir, result = fge_result
+    assert "FGE from epoch 6, cycles of 2 (the lr column: each epoch's first batch)" in result.stdout
+    rows = {int(row["ep"]): row["lr"] for row in metrics_rows(run_dir)}
+    # The authors' fge.py prints lr_schedule(1.0), the rate at the epoch's end: lr2 = 0.005 for
+    # the snapshot epoch 7 (t = 1/2) and lr1 = 0.05 for epoch 8 (t = 1). Here the first batch's:
+    # epoch 7 starts its cycle (t = 0), epoch 8 its second half (t = 1/2).
+    assert (rows[7], rows[8]) == pytest.approx((0.05, 0.005))
 
 
 def test_a_run_snapshots_at_each_midpoint_and_lists_them(fge_run):
@@ -137,6 +152,9 @@ def test_fge_refusals_are_one_line(fge_run, tmp_path):
                    "--fge snapshots at its cycles' midpoints")
     one_line_error(run_main(train.main, *FGE, "--epochs", "6", "--dir", tmp_path / "b"),
                    "--fge: the first snapshot is after epoch 7, beyond --epochs 6")
+    one_line_error(run_main(train.main, *FGE, "--swa", "--swa_c_epochs", "2", "--dir", tmp_path / "c"),
+                   "--swa_c_epochs 2: with --fge the average takes FGE's snapshots", "drop --swa_c_epochs")
+    assert not (tmp_path / "c").exists()
     one_line_error(run_main(evaluation.main, "--model_path", fge_run / "checkpoint-0.pdparams",
                             "--ensemble"), "lists no FGE snapshot")
     one_line_error(run_main(train.main, *FGE, "--epochs", "14", "--dir", fge_run, "--resume",

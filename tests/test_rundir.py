@@ -155,6 +155,7 @@ BAD_FLAGS = [
     (["--fge_cycle", "2"], "--fge_cycle 2 needs --fge", "add --fge, or drop --fge_cycle"),
     (["--swa", "--fge_lr1", "0.1"], "--fge_lr1 0.1 needs --fge", "drop --fge_lr1"),
     (["--fge_lr2", "0.001"], "--fge_lr2 0.001 needs --fge", "drop --fge_lr2"),
+    (["--init_optimizer"], "--init_optimizer needs --init", "add --init CHECKPOINT, or drop --init_optimizer"),
 ])
 def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp_path, flags, needs, fix):
     base = ["--dataset", "digits", "--model", "SimpleCNN", "--dir", str(tmp_path / "run")]
@@ -165,8 +166,11 @@ def test_a_flag_that_would_do_nothing_alone_is_refused_naming_it_and_the_fix(tmp
 def test_dependent_flags_are_taken_with_their_flag_and_default_to_the_documented_values():
     args = config.parse_args(["--dataset", "digits"])
     assert (args.swa_start, args.swa_lr, args.amp_dtype) == (161, 0.05, "float16")
+    # FGE's as the authors' fge.py (dnn-mode-connectivity) defaults them: --cycle 4, --lr_1 0.05,
+    # --lr_2 0.0001
     assert (args.swa_c_epochs, args.swag_rank, args.fge_cycle, args.fge_lr1, args.fge_lr2) == \
-        (1, 20, 4, 0.05, 0.0005)
+        (1, 20, 4, 0.05, 0.0001)
+    assert args.init_optimizer is False
     fge = config.parse_args(["--fge", "--swa_start", "4", "--swa_lr", "0.01", "--epochs", "10"])
     assert (fge.swa_start, fge.swa_lr) == (4, 0.01)
     help_text = config.build_parser().format_help()
