@@ -18,6 +18,12 @@ from harness import errors
 FEWER_THREADS = {"SimpleCNN": "one", "PreResNet110": "half", "PreResNet164": "half"}
 
 
+# Why, in the start-up line (see FEWER_THREADS for the measurements).
+AUTO_REASONS = {"one": "its small convolutions are fastest on one",
+                "half": "more threads lose speed whenever the host is busy",
+                None: "it gains from every core"}
+
+
 def auto_threads(model_name, cores):
     """CPU threads for `model_name` on `cores` cores (see FEWER_THREADS); --threads overrides."""
     rule = FEWER_THREADS.get(model_name)
@@ -66,17 +72,21 @@ def tune_cpu(threads=0, model_name=None, processes_per_machine=1):
         model_name: the model to be trained (decides the automatic count).
         processes_per_machine: processes sharing this machine's cores.
     """
+    why = "--threads"
     if threads <= 0:
         user = os.environ.get("OMP_NUM_THREADS", "1")
         if user.isdigit() and int(user) > 1:
-            threads = int(user)
+            threads, why = int(user), "OMP_NUM_THREADS"
         else:
             cores = max(1, available_cores() // max(1, processes_per_machine))
             threads = auto_threads(model_name, cores)
+            why = (f"chosen for {model_name or 'the model'} on {cores} core{'s' if cores > 1 else ''}: "
+                   f"{AUTO_REASONS.get(FEWER_THREADS.get(model_name), AUTO_REASONS[None])}; "
+                   "--threads N to change")
     paddle.base.core.set_num_threads(threads)
     keep_freed_memory()
     path = os.environ.get("MKL_DEBUG_CPU_TYPE")
-    return f"{threads} CPU thread{'s' if threads > 1 else ''}" + (
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})" + (
         f", MKL_DEBUG_CPU_TYPE={path}" if path else "")
 
 

@@ -71,3 +71,18 @@ def test_model_names_are_read_as_dataset_names_are():
     assert data.canonical_name("fashion-mnist") == data.canonical_name("Fashion_MNIST") == "FashionMNIST"
     with pytest.raises(ValueError, match="unknown model 'VGG17'"):
         models.canonical_name("VGG17")
+
+
+def test_the_start_up_line_says_how_many_cpu_threads_and_why(monkeypatch):
+    from harness import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 4)
+    assert runtime.tune_cpu(0, "PreResNet110").startswith(
+        "2 CPU threads (chosen for PreResNet110 on 4 cores: more threads lose speed whenever the host "
+        "is busy; --threads N to change)")
+    assert runtime.tune_cpu(0, "VGG16").startswith("4 CPU threads (chosen for VGG16 on 4 cores: it gains")
+    assert runtime.tune_cpu(3, "VGG16").startswith("3 CPU threads (--threads)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert runtime.tune_cpu(0, "SimpleCNN").startswith("2 CPU threads (OMP_NUM_THREADS)")
+    runtime.tune_cpu(1, "SimpleCNN")  # back to what the other tests run with
