@@ -453,7 +453,8 @@ class Batches:
         even_shards: pad the order (repeating samples) so every rank runs the same number of
             batches, as data-parallel training needs; without it each sample is seen exactly
             once over all ranks, as evaluation and the BatchNorm refresh need.
-        num_workers: background threads assembling batches ahead (0: in the caller).
+        num_workers: background threads assembling batches ahead of the steps; 0: one where
+            the steps can overlap with loading (`steps_overlap`: a GPU), none on a CPU.
 
     Example:
         >>> for x, y in batches(epoch=3, start=10): ...   # epoch 3 from its 11th batch
@@ -540,21 +541,41 @@ class Batches:
 
         plan = self.plan(epoch, stream)
         steps = range(start, len(self))
-        if self.num_workers <= 0:
-            arrays = (self.assemble(plan, step) for step in steps)
+        workers = self.num_workers if self.num_workers > 0 else int(steps_overlap())
+        arrays = (self._ahead(plan, steps, workers) if workers
+                  else (self.assemble(plan, step) for step in steps))
+        with contextlib.closing(arrays):
             for x, y in arrays:
+                # Tensors are made in the thread that runs the steps, never in a worker: Paddle
+                # does not document its tensor creation as safe from other threads.
                 yield paddle.to_tensor(x), paddle.to_tensor(y)
-            return
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            ahead = deque()
+
+    def _ahead(self, plan, steps, workers):
+        """The arrays of `steps` in order, assembled by `workers` threads up to 2 * workers
+        batches ahead of the one taken: numpy releases the GIL in its copies and arithmetic,
+        so they are assembled while the caller's step runs."""
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="batches")
+        pending = deque()
+        try:
             for step in steps:
-                ahead.append(pool.submit(self.assemble, plan, step))
-                if len(ahead) > 2 * self.num_workers:
-                    x, y = ahead.popleft().result()
-                    yield paddle.to_tensor(x), paddle.to_tensor(y)
-            while ahead:
-                x, y = ahead.popleft().result()
-                yield paddle.to_tensor(x), paddle.to_tensor(y)
+                pending.append(pool.submit(self.assemble, plan, step))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # Left early (a signal stopped training, a step or an assembly raised): batches not
+            # begun are dropped and the few under way finish, so no thread outlives the epoch.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def steps_overlap():
+    """Whether Paddle runs on a device that queues the steps' work (a GPU, an XPU...), so that
+    the host is free to assemble the next batch meanwhile; on a CPU it is not (measured in
+    docs/performance.md, "The data loader")."""
+    import paddle
+
+    return paddle.device.get_device() != "cpu"
 
 
 def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=0):

@@ -1,8 +1,14 @@
 """The batch loader (data.Batches) against the batches written out sample by sample in numpy."""
+import collections
+import os
+import signal
+import threading
+
 import numpy as np
+import paddle
 import pytest
 
-from harness import data
+from harness import data, engine, session
 
 
 def scaling(mean, std):
@@ -87,3 +93,143 @@ def test_normalisation_is_bit_identical_to_the_float32_formula_for_every_pixel_v
         expected = images[0, :, :, c].astype(np.float32) * scale[c] - shift[c]
         assert x.numpy()[0, c].tobytes() == expected.tobytes()
 
+
+
+# --------------------------------------------------------------------------- loading ahead
+
+class Observed(data.Batches):
+    """The loader, telling which batches it has assembled so far (`done`, an Event each)."""
+
+    def __init__(self, *args, fail_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.done, self.fail_at = collections.defaultdict(threading.Event), fail_at
+
+    def assemble(self, plan, step):
+        if step == self.fail_at:
+            raise MemoryError(f"stand-in failure assembling batch {step}")
+        arrays = super().assemble(plan, step)
+        self.done[step].set()
+        return arrays
+
+
+class StandInStep(paddle.nn.Layer):
+    """A model whose step k waits (up to `patience` seconds) for the loader to have assembled
+    batch k + 1, as a GPU's queued step leaves the host free; it records the batches it got
+    and whether batch k + 1 was ready during step k."""
+
+    def __init__(self, loader, first, patience):
+        super().__init__()
+        self.linear = paddle.nn.Linear(3 * 32 * 32, 10)
+        self.loader, self.step, self.patience = loader, first, patience
+        self.seen, self.next_ready = [], []
+
+    def forward(self, x):
+        self.seen.append(x.numpy())
+        if self.step + 1 < len(self.loader):
+            # Once a wait has run out, the rest do not wait: the test fails without delay.
+            patience = self.patience if all(self.next_ready) else 0.0
+            self.next_ready.append(self.loader.done[self.step + 1].wait(patience))
+        self.step += 1
+        return self.linear(x.flatten(1))
+
+
+def cifar_like(n=200, seed=9):
+    rng = np.random.default_rng(seed)
+    return (data.ArrayDataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                              rng.integers(0, 10, n)), rng.uniform(0.3, 0.6, 3), rng.uniform(0.2, 0.3, 3))
+
+
+def train_through(loader, epoch=1, start=0, patience=0.0, **kwargs):
+    model = StandInStep(loader, start, patience)
+    optimizer = paddle.optimizer.SGD(0.01, parameters=model.parameters())
+    result = engine.train_pass(loader(epoch, start), model, optimizer, lambda step: 0.01,
+                               lambda step: step, first_step=start, **kwargs)
+    return model, result
+
+
+def loader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("batches")]
+
+
+def test_where_steps_overlap_each_step_runs_while_the_next_batch_is_assembled_and_batches_are_unchanged(monkeypatch):
+    ds, mean, std = cifar_like()
+    augment = data.Augment(pad=4, flip=True)
+    expected = reference_batches(ds.images, ds.labels, 16, mean, std, augment, True, 4, epoch=1)
+    monkeypatch.setattr(data, "steps_overlap", lambda: True)  # as on a GPU
+    loader = Observed(ds, 16, mean, std, shuffle=True, augment=augment, seed=4)
+    # In the caller the next batch would not be begun before the step ends: the wait would
+    # run out (30 s) and the test fail.
+    model, _ = train_through(loader, patience=30.0)
+    assert model.next_ready == [True] * (len(loader) - 1)
+    assert_bit_identical(list(zip(model.seen, [y for _, y in expected])), expected)
+    assert not loader_threads()
+
+
+def test_on_a_cpu_batches_are_assembled_in_the_loop_between_steps_by_default():
+    assert not data.steps_overlap()  # Paddle runs on the CPU here
+    ds, mean, std = cifar_like()
+    augment = data.Augment(pad=4, flip=True)
+    loader = Observed(ds, 16, mean, std, shuffle=True, augment=augment, seed=4)
+    model, _ = train_through(loader)
+    assert model.next_ready == [False] * (len(loader) - 1)  # never one ahead of the step
+    expected = reference_batches(ds.images, ds.labels, 16, mean, std, augment, True, 4, epoch=1)
+    assert_bit_identical(list(zip(model.seen, [y for _, y in expected])), expected)
+
+
+def test_a_signal_stops_training_ahead_of_the_step_cleanly_and_the_epoch_resumes_with_the_same_batches():
+    ds, mean, std = cifar_like()
+    augment = data.Augment(pad=4, flip=True)
+    loader = Observed(ds, 16, mean, std, shuffle=True, augment=augment, seed=4, num_workers=1)
+
+    def on_sync(done, sums):  # as train.py's: a signal asks the pass to stop after this step
+        if done == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop.signal is not None
+
+    with session.StopFlag() as stop:
+        model, result = train_through(loader, on_sync=on_sync)
+    assert result["steps"] == 5 and stop.signal == signal.SIGTERM
+    assert not loader_threads()  # the threads assembling ahead stopped with the pass
+    resumed, _ = train_through(loader, start=5)
+    expected = reference_batches(ds.images, ds.labels, 16, mean, std, augment, True, 4, epoch=1)
+    assert_bit_identical(list(zip(model.seen + resumed.seen, [y for _, y in expected])), expected)
+
+
+def test_a_failure_in_a_step_or_in_assembling_ahead_leaves_no_loader_thread_behind():
+    ds, mean, std = cifar_like()
+    loader = Observed(ds, 16, mean, std, shuffle=True, seed=4, num_workers=2)
+
+    def fail(done, sums):
+        if done == 3:
+            raise RuntimeError("stand-in failure in a step")
+
+    # Checked while the error (and its traceback, which holds the pass's frame) is alive, as
+    # it is while train.py reports it: the threads stop with the pass, not when it is dropped.
+    with pytest.raises(RuntimeError, match="in a step") as failed:
+        train_through(loader, on_sync=fail)
+    assert failed.value.__traceback__ is not None and not loader_threads()
+    failing = Observed(ds, 16, mean, std, shuffle=True, seed=4, num_workers=2, fail_at=6)
+    with pytest.raises(MemoryError, match="assembling batch 6") as failed:  # its own error
+        train_through(failing)
+    assert failed.value.__traceback__ is not None and not loader_threads()
+
+
+def test_the_training_pass_counts_the_time_its_steps_waited_for_batches(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock["now"])
+
+    def slow_batches():  # each batch takes 0.25 s of the stand-in clock to come
+        rng = np.random.default_rng(0)
+        for _ in range(4):
+            clock["now"] += 0.25
+            yield (paddle.to_tensor(rng.standard_normal((2, 3)).astype("float32")),
+                   paddle.to_tensor(np.array([0, 1])))
+
+    model = paddle.nn.Linear(3, 2)
+
+    def step_takes_a_second():
+        clock["now"] += 1.0  # the steps' time is not the batches'
+
+    result = engine.train_pass(slow_batches(), model, paddle.optimizer.SGD(0.1, parameters=model.parameters()),
+                               lambda step: 0.1, lambda step: step, after_step=step_takes_a_second)
+    assert result["data_wait"] == 1.0 and result["steps"] == 4
