@@ -17,7 +17,9 @@ import gzip
 import hashlib
 import io
 import os
+import sys
 import tarfile
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -453,15 +455,16 @@ class Batches:
         even_shards: pad the order (repeating samples) so every rank runs the same number of
             batches, as data-parallel training needs; without it each sample is seen exactly
             once over all ranks, as evaluation and the BatchNorm refresh need.
-        num_workers: background threads assembling batches ahead of the steps; 0: one where
-            the steps can overlap with loading (`steps_overlap`: a GPU), none on a CPU.
+        num_workers: background threads assembling batches ahead of the steps (0: none, they
+            are assembled in the loop); None: one where the steps overlap with loading
+            (`steps_overlap`: a GPU), none on a CPU.
 
     Example:
         >>> for x, y in batches(epoch=3, start=10): ...   # epoch 3 from its 11th batch
     """
 
     def __init__(self, dataset, batch_size, mean, std, shuffle=False, augment=None, seed=0,
-                 rank=0, world_size=1, even_shards=False, num_workers=0):
+                 rank=0, world_size=1, even_shards=False, num_workers=None):
         self.dataset, self.batch_size = dataset, batch_size
         self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
         self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
@@ -541,7 +544,7 @@ class Batches:
 
         plan = self.plan(epoch, stream)
         steps = range(start, len(self))
-        workers = self.num_workers if self.num_workers > 0 else int(steps_overlap())
+        workers = int(steps_overlap()) if self.num_workers is None else self.num_workers
         arrays = (self._ahead(plan, steps, workers) if workers
                   else (self.assemble(plan, step) for step in steps))
         with contextlib.closing(arrays):
@@ -554,7 +557,7 @@ class Batches:
         """The arrays of `steps` in order, assembled by `workers` threads up to 2 * workers
         batches ahead of the one taken: numpy releases the GIL in its copies and arithmetic,
         so they are assembled while the caller's step runs."""
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="batches")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="batches", initializer=_yield_to_steps)
         pending = deque()
         try:
             for step in steps:
@@ -569,6 +572,16 @@ class Batches:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _yield_to_steps():
+    """Give the calling worker thread the lowest priority (Linux, where threads have their
+    own): woken when a batch is taken, an equal thread was put on the step's core and
+    preempted it, which cost the step most of the time the overlap saved (docs/performance.md,
+    "The data loader"). At nice 19 it runs while the step waits, or on an idle core."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def steps_overlap():
     """Whether Paddle runs on a device that queues the steps' work (a GPU, an XPU...), so that
     the host is free to assemble the next batch meanwhile; on a CPU it is not (measured in
@@ -578,7 +591,7 @@ def steps_overlap():
     return paddle.device.get_device() != "cpu"
 
 
-def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=0):
+def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=None):
     """The batches of train.py's BatchNorm refresh after 0-based `epoch`: every training sample
     once over all ranks, in an order and augmentation of their own (stream 1 of the epoch),
     not training's. eval.py and the scripts draw the same ones from a checkpoint."""

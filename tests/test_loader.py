@@ -2,6 +2,7 @@
 import collections
 import os
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -103,10 +104,13 @@ class Observed(data.Batches):
     def __init__(self, *args, fail_at=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.done, self.fail_at = collections.defaultdict(threading.Event), fail_at
+        self.niceness = set()  # of the threads that assembled batches
 
     def assemble(self, plan, step):
         if step == self.fail_at:
             raise MemoryError(f"stand-in failure assembling batch {step}")
+        if hasattr(os, "getpriority"):
+            self.niceness.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         arrays = super().assemble(plan, step)
         self.done[step].set()
         return arrays
@@ -161,6 +165,8 @@ def test_where_steps_overlap_each_step_runs_while_the_next_batch_is_assembled_an
     # run out (30 s) and the test fail.
     model, _ = train_through(loader, patience=30.0)
     assert model.next_ready == [True] * (len(loader) - 1)
+    if sys.platform.startswith("linux"):  # the lowest priority: the step's thread goes first
+        assert loader.niceness == {19}
     assert_bit_identical(list(zip(model.seen, [y for _, y in expected])), expected)
     assert not loader_threads()
 
