@@ -90,7 +90,7 @@ elif fault == "download":
             f.flush()
             time.sleep(1.0)
             f.write(raw[len(raw) // 2:])
-        return True
+        return None  # data._paddle_download's "it worked" (a reason string says why not)
 
     data._paddle_download = slow_download
 else:
