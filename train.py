@@ -70,9 +70,10 @@ def train_loop(config, run, start, stop):
         if start.step + tr["steps"] < steps:  # stopped by a signal here or on another rank
             check_weights(run, epoch)
             return run.interrupted(epoch, start.step + tr["steps"], tr, stop.signal or signal.SIGTERM)
+        trained = max(time.time() - started, 1e-9)
         row = {"ep": epoch + 1, "lr": lr_at(0), "tr_loss": tr["loss"], "tr_acc": tr["accuracy"],
-               "skipped": tr["skipped"],
-               "img_s": tr["steps"] * c.batch_size / max(time.time() - started, 1e-9)}
+               "skipped": tr["skipped"], "img_s": tr["steps"] * c.batch_size / trained,
+               "wait_pct": 100 * tr["data_wait"] / trained}
         synchronise(run)
         check_weights(run, epoch)
         if c.fge and schedules.is_fge_snapshot_epoch(epoch + 1, c.swa_start, c.fge_cycle):

@@ -173,8 +173,9 @@ def build_parser():
     data.add_argument("--batch_size", type=cli.POSITIVE_INT, default=128, metavar="N",
                       help="input batch size per step, in total over all processes (default: 128)")
     data.add_argument("--num_workers", type=cli.NON_NEGATIVE_INT, default=0, metavar="N",
-                      help="threads assembling batches ahead; 0 assembles them in the training "
-                           "loop, which is already far faster than training (default: 0)")
+                      help="threads assembling batches ahead; 0 chooses: one thread ahead on a "
+                           "GPU, in the training loop on a CPU, where a thread would compete with "
+                           "the step for the cores (default: 0)")
     data.add_argument("--normalization", choices=["model", "dataset"], default="model",
                       help="per-channel input normalisation: 'model' uses the original code's "
                            "constants for the VGGs and ResNets on 3-channel images (the dataset's "

@@ -5,10 +5,11 @@
     ...                 augment=data.augment, seed=1)
     >>> for x, y in train(epoch=0): ...
 
-Batches are assembled with numpy, a whole batch at a time (crop and flip are one gather),
-so loading runs far faster than training on a CPU. The order and the augmentation of an
-epoch are a pure function of (seed, epoch): an interrupted epoch can be resumed at any
-batch, and sharding over processes does not change what a sample looks like.
+Batches are assembled with numpy, a whole batch at a time (the crops are views of the padded
+batch, copied by one index), so loading runs far faster than training on a CPU. The order
+and the augmentation of an epoch are a pure function of (seed, epoch): an interrupted epoch
+can be resumed at any batch, and sharding over processes does not change what a sample
+looks like.
 """
 import contextlib
 import dataclasses
@@ -16,13 +17,16 @@ import gzip
 import hashlib
 import io
 import os
+import sys
 import tarfile
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from harness import errors, pickles
 
@@ -451,14 +455,16 @@ class Batches:
         even_shards: pad the order (repeating samples) so every rank runs the same number of
             batches, as data-parallel training needs; without it each sample is seen exactly
             once over all ranks, as evaluation and the BatchNorm refresh need.
-        num_workers: background threads assembling batches ahead (0: in the caller).
+        num_workers: background threads assembling batches ahead of the steps (0: none, they
+            are assembled in the loop); None: one where the steps overlap with loading
+            (`steps_overlap`: a GPU), none on a CPU.
 
     Example:
         >>> for x, y in batches(epoch=3, start=10): ...   # epoch 3 from its 11th batch
     """
 
     def __init__(self, dataset, batch_size, mean, std, shuffle=False, augment=None, seed=0,
-                 rank=0, world_size=1, even_shards=False, num_workers=0):
+                 rank=0, world_size=1, even_shards=False, num_workers=None):
         self.dataset, self.batch_size = dataset, batch_size
         self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
         self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
@@ -496,24 +502,41 @@ class Batches:
         """Batch `step` of `plan` as float32 NCHW images and int64 labels (numpy)."""
         order, offsets, flips = plan
         idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+        crops = self.crops(idx, offsets, flips)
+        # The float32 operations of `crops.astype(float32) * scale - shift`, one at a time (numpy
+        # never fuses them): every value bit-identical to it, without the temporary arrays.
+        x = np.multiply(crops, self.scale[:, None, None], dtype=np.float32)
+        np.subtract(x, self.shift[:, None, None], out=x)
+        return x, self.dataset.labels[idx]
+
+    def crops(self, idx, offsets, flips):
+        """The images `idx` as uint8 (N, C, H, W): each the crop at its `offsets` of the image
+        zero-padded by `augment.pad` pixels, mirrored left to right where `flips` says."""
         images = self.dataset.images
-        _, height, width, _ = images.shape
-        if offsets is not None or flips is not None:
-            pad = self.augment.pad
-            rows = np.arange(height)[None, :] + (offsets[idx, 0:1] if pad else 0)
-            cols = np.broadcast_to(np.arange(width)[None, :], (len(idx), width))
-            if flips is not None:
-                cols = np.where(flips[idx, None], width - 1 - cols, cols)
-            if pad:
-                cols = cols + offsets[idx, 1:2]
-                source = np.pad(images[idx], ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-            else:
-                source = images[idx]
-            batch = source[np.arange(len(idx))[:, None, None], rows[:, :, None], cols[:, None, :]]
-        else:
-            batch = images[idx]
-        x = batch.astype(np.float32) * self.scale - self.shift
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), self.dataset.labels[idx]
+        (height, width, channels), pad, n = images.shape[1:], self.augment.pad, len(idx)
+        # Padded per batch, not once for the dataset (CIFAR's would take 240 MB more), and
+        # channels first, so that every crop is C x H rows of W contiguous bytes.
+        padded = np.zeros((n, channels, height + 2 * pad, width + 2 * pad), np.uint8)
+        padded[:, :, pad:pad + height, pad:pad + width] = images[idx].transpose(0, 3, 1, 2)
+        if offsets is None and flips is None:
+            return padded
+        rows, cols = (offsets[idx, 0], offsets[idx, 1]) if offsets is not None else (0, 0)
+        rows, cols = np.broadcast_to(rows, n), np.broadcast_to(cols, n)
+        # Every crop of every image as a view (N, C, rows, cols, H, W): one fancy index copies
+        # the chosen crops, a whole image at a time.
+        windows = sliding_window_view(padded, (height, width), axis=(2, 3))
+        samples = np.arange(n)
+        if flips is None:
+            return windows[samples, :, rows, cols]
+        flip = flips[idx]
+        # A mirrored crop at column c is the crop at 2 * pad - c of the mirrored image, which
+        # a view with a negative stride gives without a copy.
+        mirrored = sliding_window_view(padded[..., ::-1], (height, width), axis=(2, 3))
+        crops = np.empty((n, channels, height, width), np.uint8)
+        keep = ~flip
+        crops[keep] = windows[samples[keep], :, rows[keep], cols[keep]]
+        crops[flip] = mirrored[samples[flip], :, rows[flip], 2 * pad - cols[flip]]
+        return crops
 
     def __call__(self, epoch=0, start=0, stream=0):
         """Iterate over the batches of `epoch` from batch `start` on."""
@@ -521,24 +544,54 @@ class Batches:
 
         plan = self.plan(epoch, stream)
         steps = range(start, len(self))
-        if self.num_workers <= 0:
-            arrays = (self.assemble(plan, step) for step in steps)
+        workers = int(steps_overlap()) if self.num_workers is None else self.num_workers
+        arrays = (self._ahead(plan, steps, workers) if workers
+                  else (self.assemble(plan, step) for step in steps))
+        with contextlib.closing(arrays):
             for x, y in arrays:
+                # Tensors are made in the thread that runs the steps, never in a worker: Paddle
+                # does not document its tensor creation as safe from other threads.
                 yield paddle.to_tensor(x), paddle.to_tensor(y)
-            return
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            ahead = deque()
+
+    def _ahead(self, plan, steps, workers):
+        """The arrays of `steps` in order, assembled by `workers` threads up to 2 * workers
+        batches ahead of the one taken: numpy releases the GIL in its copies and arithmetic,
+        so they are assembled while the caller's step runs."""
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="batches", initializer=_yield_to_steps)
+        pending = deque()
+        try:
             for step in steps:
-                ahead.append(pool.submit(self.assemble, plan, step))
-                if len(ahead) > 2 * self.num_workers:
-                    x, y = ahead.popleft().result()
-                    yield paddle.to_tensor(x), paddle.to_tensor(y)
-            while ahead:
-                x, y = ahead.popleft().result()
-                yield paddle.to_tensor(x), paddle.to_tensor(y)
+                pending.append(pool.submit(self.assemble, plan, step))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # Left early (a signal stopped training, a step or an assembly raised): batches not
+            # begun are dropped and the few under way finish, so no thread outlives the epoch.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=0):
+def _yield_to_steps():
+    """Give the calling worker thread the lowest priority (Linux, where threads have their
+    own): woken when a batch is taken, an equal thread was put on the step's core and
+    preempted it, which cost the step most of the time the overlap saved (docs/performance.md,
+    "The data loader"). At nice 19 it runs while the step waits, or on an idle core."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def steps_overlap():
+    """Whether Paddle runs on a device that queues the steps' work (a GPU, an XPU...), so that
+    the host is free to assemble the next batch meanwhile; on a CPU it is not (measured in
+    docs/performance.md, "The data loader")."""
+    import paddle
+
+    return paddle.device.get_device() != "cpu"
+
+
+def refresh_batches(ds, batch_size, seed, epoch, rank=0, world_size=1, num_workers=None):
     """The batches of train.py's BatchNorm refresh after 0-based `epoch`: every training sample
     once over all ranks, in an order and augmentation of their own (stream 1 of the epoch),
     not training's. eval.py and the scripts draw the same ones from a checkpoint."""

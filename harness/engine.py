@@ -9,6 +9,7 @@ A pass reads the loss and the number of correct predictions back from the device
 import contextlib
 import io
 import math
+import time
 
 import numpy as np
 import paddle
@@ -57,46 +58,71 @@ def train_pass(batches, model, optimizer, lr_at, seed_at, first_step=0, after_st
 
     Returns:
         The sums and means as `Sums.result` gives them; `steps` is the batches run here
-        (fewer than given if asked to stop).
+        (fewer than given if asked to stop); `data_wait` the seconds spent waiting for them
+        (on this rank).
     """
     model.train()
     sums = Sums(totals)
     agree = context is not None and context.world_size > 1
     steps = 0
-    for i, (x, y) in enumerate(batches):
-        optimizer.set_lr(lr_at(first_step + i))
-        paddle.seed(seed_at(first_step + i))
-        with amp.autocast() if amp else contextlib.nullcontext():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        sums.add(loss, logits, y)
-        stop = False
-        if (i + 1) % sync_every == 0:
-            bad = sums.read(i + 1 - sums.unread())
-            stop = bool(on_sync(i + 1, sums.totals)) if on_sync else False
-            if agree:
-                any_bad, stop = context.agree_any(bad is not None, stop)
-                bad = bad or ((i, "non-finite on another rank") if any_bad else None)
-            if bad is not None:
-                raise NonFiniteLoss(*bad)
-        if amp:
-            sums.totals["skipped"] += amp.step(loss, optimizer)
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
-        if after_step is not None:
-            after_step()
-        steps += 1
-        if stop:
-            break
+    batches = Waited(batches)
+    with contextlib.closing(batches):  # a loader's threads stop here even on an error
+        for i, (x, y) in enumerate(batches):
+            optimizer.set_lr(lr_at(first_step + i))
+            paddle.seed(seed_at(first_step + i))
+            with amp.autocast() if amp else contextlib.nullcontext():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            sums.add(loss, logits, y)
+            stop = False
+            if (i + 1) % sync_every == 0:
+                bad = sums.read(i + 1 - sums.unread())
+                stop = bool(on_sync(i + 1, sums.totals)) if on_sync else False
+                if agree:
+                    any_bad, stop = context.agree_any(bad is not None, stop)
+                    bad = bad or ((i, "non-finite on another rank") if any_bad else None)
+                if bad is not None:
+                    raise NonFiniteLoss(*bad)
+            if amp:
+                sums.totals["skipped"] += amp.step(loss, optimizer)
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.clear_grad()
+            if after_step is not None:
+                after_step()
+            steps += 1
+            if stop:
+                break
     bad = sums.read(steps - sums.unread())
     if agree:
         any_bad, = context.agree_any(bad is not None)
         bad = bad or ((steps - 1, "non-finite on another rank") if any_bad else None)
     if bad is not None:
         raise NonFiniteLoss(*bad)
-    return sums.result(steps, context)
+    return dict(sums.result(steps, context), data_wait=batches.seconds)
+
+
+class Waited:
+    """An iterator over `batches` that adds up the seconds its caller waited for them in
+    `seconds`: the time the steps stood still for data."""
+
+    def __init__(self, batches):
+        self.iterator, self.seconds = iter(batches), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        asked = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.seconds += time.perf_counter() - asked
+
+    def close(self):
+        if hasattr(self.iterator, "close"):  # a generator: stops a loader's threads now
+            self.iterator.close()
 
 
 def evaluate_pass(batches, model, context=None, keep_logits=False, amp=None):

@@ -59,12 +59,13 @@ def format_row(row, columns, header=False):
 
 
 class MetricsFile:
-    """metrics.csv in the run directory: one row per epoch, the columns of `columns(...)` and
-    training images/s."""
+    """metrics.csv in the run directory: one row per epoch, the columns of `columns(...)`,
+    training images/s and the percentage of the training pass its steps waited for batches
+    (`wait_pct`: near 0 when loading keeps up)."""
 
     def __init__(self, directory, table_columns, keep_through_epoch=0):
         self.path = os.path.join(directory, "metrics.csv")
-        self.columns = [c for c in table_columns] + ["img_s"]
+        self.columns = [c for c in table_columns] + ["img_s", "wait_pct"]
         rows = []
         if keep_through_epoch and os.path.exists(self.path):
             with open(self.path, newline="") as f:

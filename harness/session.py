@@ -245,7 +245,7 @@ def build_run(config, env, plan, device, ckpt=None):
                                                dtype=config.amp_dtype, master_weight=True)
     per_process = config.batch_size // env.world_size
     shard = dict(mean=ds.mean, std=ds.std, rank=env.rank, world_size=env.world_size,
-                 num_workers=config.num_workers)
+                 num_workers=config.num_workers or None)  # 0: Batches decides (ahead on a GPU)
     run = Run(env, ds,
               datasets.Batches(ds.train, per_process, shuffle=True, augment=ds.augment,
                                seed=config.seed, even_shards=True, **shard),
@@ -253,7 +253,7 @@ def build_run(config, env, plan, device, ckpt=None):
               datasets.Batches(ds.val, per_process, **shard) if ds.val is not None else None,
               functools.partial(datasets.refresh_batches, ds, per_process, config.seed,
                                 rank=env.rank, world_size=env.world_size,
-                                num_workers=config.num_workers),
+                                num_workers=shard["num_workers"]),
               model, paddle.DataParallel(model) if env.enabled else model,  # never the average
               optimizer, build_average(config, model), plan, config.dir, config.as_dict(),
               checkpoints.setting_of(config.model, ds),

@@ -2,6 +2,7 @@
 
     python scripts/bench.py                       # a few minutes on 2 cores
     python scripts/bench.py --models VGG16 --batch_size 128 --repeats 5
+    python scripts/bench.py --loader --batch_size 128 --repeats 7      # section 4 only
 
 Prints, with the machine and settings:
   1. train and eval images/s per model: Paddle's defaults against train.py's automatic CPU
@@ -12,12 +13,16 @@ Prints, with the machine and settings:
      this tree's (each in fresh processes, alternating);
   3. the BatchNorm refresh against one forward pass over the same images, and what an
      intermediate SWA evaluation costs in epochs;
-  4. the data loader's images/s against training's;
+  4. the data loader's images/s against a vectorised numpy reference doing the same work and
+     against training's; with --loader, also a training pass with a stand-in step (as a GPU
+     leaves the host free) and the quick start's, with batches assembled in the loop and one
+     thread ahead, and the share of each pass spent waiting for data;
   5. SWA's own share of a whole run (averaging + final BatchNorm refresh), evaluated only
      at the end, and the wall-clock difference of the same run with and without --swa.
 All times are medians of --repeats measurements.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -171,17 +176,22 @@ def torch_foreach_ms(count_shapes, repeats):
 
 
 def load_core(revision):
-    """utils.py of this tree (revision None), or of a git revision of it (read with git show,
-    imported under another name): the averaging updates of two versions, timed alike."""
-    if revision is None:
-        return utils
+    """utils.py of this tree (revision None), or of a git revision of it: the averaging
+    updates of two versions, timed alike."""
+    return utils if revision is None else load_at(revision, "utils.py")
+
+
+def load_at(revision, path):
+    """The module at `path` of git `revision` (read with git show, imported under another
+    name beside this tree's)."""
     import importlib.util
 
-    source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:utils.py"], capture_output=True,
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{path}"], capture_output=True,
                             text=True, check=True).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location("utils_at_revision", f.name)
+    name = os.path.splitext(os.path.basename(path))[0] + "_at_revision"
+    spec = importlib.util.spec_from_file_location(name, f.name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     os.unlink(f.name)
@@ -260,18 +270,181 @@ def section_refresh(speed, names, train_size=50_000, test_size=10_000):
               f"{cost / epoch:.3f} epochs")
 
 
-def section_loader(speed, names, batch_size, repeats):
-    print("\n4. Data loader (50,000 CIFAR-sized uint8 images in memory, crop + flip, one thread)")
-    rng = np.random.default_rng(0)
-    ds = data.ArrayDataset(rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
-                           rng.integers(0, 10, 50_000))
-    loader = data.Batches(ds, batch_size, [0.5] * 3, [0.25] * 3, shuffle=True,
-                          augment=data.Augment(pad=4, flip=True))
-    seconds = median_time(lambda: sum(1 for _ in loader(epoch=0)), repeats)
-    rate = len(ds) / seconds
-    fastest = max(speed[(n, "tuned")]["train"] for n in names)
-    print(f"loader {rate:,.0f} img/s (with conversion to Paddle tensors) vs fastest training "
-          f"above {fastest:,.0f} img/s: {rate / fastest:.1f}x")
+# --------------------------------------------------------------------------- the data loader
+
+def reference_loader(ds, batch_size, mean, std, pad):
+    """A vectorised numpy loader doing Batches' work, the yardstick beside it: the dataset
+    padded once (N x (H + 2 pad) x (W + 2 pad) x C more bytes), each crop a slice of it,
+    mirrored through a reversed view, normalised per channel through a 256-entry table whose
+    entries are Batches' float32 operations on each value (so its batches are the same).
+    Returns assemble(plan, step), as Batches.assemble."""
+    height, width, channels = ds.images.shape[1:]
+    padded = np.pad(ds.images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    std32 = np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * std32)).astype(np.float32)
+    shift = (np.asarray(mean, np.float32) / std32).astype(np.float32)
+    tables = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - shift[:, None]
+
+    def assemble(plan, step):
+        order, offsets, flips = plan
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        crops = np.empty((len(idx), height, width, channels), np.uint8)
+        for i, n in enumerate(idx):
+            top, left = offsets[n]
+            crop = padded[n, top:top + height, left:left + width]
+            crops[i] = crop[:, ::-1] if flips[n] else crop
+        x = np.empty((len(idx), channels, height, width), np.float32)
+        for c in range(channels):
+            x[:, c] = tables[c][crops[..., c]]
+        return x, ds.labels[idx]
+    return assemble
+
+
+def cifar_sized(count=50_000, seed=0):
+    rng = np.random.default_rng(seed)
+    return data.ArrayDataset(rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+                             rng.integers(0, 10, count))
+
+
+def loader_versions(ds, batch_size, against):
+    """{name: (epoch of numpy arrays, epoch of Paddle tensors)}: functions of the epoch running
+    through all its batches, for this tree's Batches (training's draws and the BatchNorm
+    refresh's), the reference, and Batches of git revision `against`."""
+    mean, std, augment = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], data.Augment(4, True)
+    ours = data.Batches(ds, batch_size, mean, std, shuffle=True, augment=augment)
+    reference = reference_loader(ds, batch_size, mean, std, augment.pad)
+
+    def arrays(assemble, stream=0):
+        def epoch_of(epoch):
+            plan = ours.plan(epoch, stream)
+            for s in range(len(ours)):
+                assemble(plan, s)
+        return epoch_of
+
+    def tensors(assemble):
+        def epoch_of(epoch):
+            plan = ours.plan(epoch)
+            for s in range(len(ours)):
+                x, y = assemble(plan, s)
+                paddle.to_tensor(x), paddle.to_tensor(y)
+        return epoch_of
+
+    def drain(loader, stream=0):
+        return lambda epoch: sum(1 for _ in loader(epoch, stream=stream))
+
+    versions = {"this tree": (arrays(ours.assemble), drain(ours)),
+                "this tree, refresh": (arrays(ours.assemble, stream=1), drain(ours, stream=1)),
+                "reference": (arrays(reference), tensors(reference))}
+    if against:
+        old = load_at(against, "harness/data.py").Batches(ds, batch_size, mean, std, shuffle=True,
+                                                           augment=augment)
+        versions[against[:9]] = (arrays(old.assemble), drain(old))
+    same = all(np.array_equal(a.view(np.uint32), b.view(np.uint32))
+               for a, b in zip(ours.assemble(ours.plan(0), 0), reference(ours.plan(0), 0)))
+    return versions, same
+
+
+def section_loader(batch_size, rounds, against=None, fastest=None):
+    settings = runtime.tune_cpu(1)  # Paddle's threads, and freed memory kept, as train.py's
+    print(f"\n4. Data loader: 50,000 CIFAR-sized uint8 images in memory (random), batch {batch_size}, "
+          f"crop with padding 4 + flip,\n   normalisation; {settings}; each version over a whole "
+          f"epoch in turn, {rounds} rounds, median images/s")
+    ds = cifar_sized()
+    versions, same = loader_versions(ds, batch_size, against)
+    times = {name: ([], []) for name in versions}
+    for epoch in range(rounds + 1):  # the first round warms up and is not counted
+        for name, functions in versions.items():
+            for kind, fn in enumerate(functions):
+                start = time.perf_counter()
+                fn(epoch)
+                if epoch:
+                    times[name][kind].append(time.perf_counter() - start)
+    rate = {name: [len(ds) / statistics.median(t) for t in pair] for name, pair in times.items()}
+    print(f"{'version':20s} {'numpy arrays':>12s} {'of reference':>12s} {'with to_tensor':>14s} "
+          f"{'of reference':>12s}")
+    for name, (arrays, tensors) in rate.items():
+        ref = rate["reference"]
+        print(f"{name:20s} {arrays:12,.0f} {arrays / ref[0]:11.2f}x {tensors:14,.0f} "
+              f"{tensors / ref[1]:11.2f}x")
+    print(f"the reference's batches are this tree's, bit for bit: {'yes' if same else 'NO'}")
+    if fastest:
+        ours = rate["this tree"][1]
+        print(f"loader {ours:,.0f} img/s (with conversion to Paddle tensors) vs fastest training "
+              f"above {fastest:,.0f} img/s: {ours / fastest:.1f}x")
+
+
+class StandInStep(paddle.nn.Layer):
+    """A training step of `seconds` that leaves the host's core free, as a step queued on a
+    GPU does (a sleep), with a small layer to give it gradients."""
+
+    def __init__(self, seconds, channels=3):
+        super().__init__()
+        self.seconds, self.linear = seconds, paddle.nn.Linear(channels, 10)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.linear(x.mean(axis=[2, 3]))
+
+
+def timed_passes(ds, batch_size, model, rounds, augment, steps=None):
+    """Medians over `rounds` (alternating) of train_pass over the first `steps` batches of an
+    epoch of `ds` (a Data): with batches assembled in the loop, one thread ahead, from arrays
+    assembled beforehand (only the conversion to tensors, which stays in the loop) and from
+    tensors made beforehand (the steps alone); {mode: (seconds, seconds waiting for batches)}."""
+    make = {mode: data.Batches(ds.train, batch_size, ds.mean, ds.std, shuffle=True,
+                               augment=augment, num_workers=workers)
+            for mode, workers in (("in the loop", 0), ("one thread ahead", 1))}
+    loader = make["in the loop"]
+    steps = steps or len(loader)
+    arrays = [loader.assemble(loader.plan(0), s) for s in range(steps)]
+    ready = [(paddle.to_tensor(x), paddle.to_tensor(y)) for x, y in arrays]
+    make["to_tensor only"] = lambda epoch: ((paddle.to_tensor(x), paddle.to_tensor(y)) for x, y in arrays)
+    make["steps alone"] = lambda epoch: ready
+    optimizer = paddle.optimizer.SGD(0.01, parameters=model.parameters())
+    results = {mode: [] for mode in make}
+    for epoch in range(rounds + 1):  # the first round warms up and is not counted
+        for mode in results:
+            batches = itertools.islice(make[mode](epoch), steps)
+            start = time.perf_counter()
+            r = engine.train_pass(batches, model, optimizer, lambda s: 0.01, lambda s: s)
+            if epoch:
+                results[mode].append((time.perf_counter() - start, r["data_wait"]))
+    return {mode: tuple(statistics.median(v[i] for v in values) for i in (0, 1))
+            for mode, values in results.items()}
+
+
+def print_passes(results, steps):
+    """The table of `timed_passes`' results, over `steps` steps."""
+    alone = results["steps alone"][0]
+    print(f"{'batches':18s} {'pass':>9s} {'per step':>9s} {'over the steps alone':>21s} "
+          f"{'waiting for data':>17s}")
+    for mode, (seconds, waited) in results.items():
+        print(f"{mode:18s} {seconds:8.3f}s {1e3 * seconds / steps:7.2f}ms {seconds - alone:+20.3f}s "
+              f"{100 * waited / seconds:16.1f}%")
+
+
+def section_overlap(batch_size, rounds, step_ms, steps=40):
+    print(f"\n4b. Overlap: a training pass (engine.train_pass, as train.py's) over {steps} CIFAR-sized "
+          f"batches of {batch_size}\n    with a stand-in step of {step_ms} ms that leaves the core "
+          f"free, as a GPU's does; {rounds} rounds, alternating, medians")
+    train = cifar_sized(steps * batch_size)
+    ds = data.Data("CIFAR-sized", train, train, 10, *data.channel_statistics(train.images),
+                   data.Augment(4, True))
+    results = timed_passes(ds, batch_size, StandInStep(step_ms / 1e3), rounds, ds.augment, steps)
+    print_passes(results, steps)
+
+
+def section_quick_start_model(rounds):
+    ds = data.load_dataset("digits")
+    steps = -(-len(ds.train) // 128)
+    print("\n4c. On this CPU: the quick start's training pass (SimpleCNN on digits, batch 128, "
+          f"{steps} steps,\n    {runtime.tune_cpu(0, 'SimpleCNN')}, as train.py's), {rounds} rounds, "
+          "alternating, medians")
+    paddle.seed(0)
+    model = models.build("SimpleCNN", ds.num_classes, ds.image_shape[0])
+    print_passes(timed_passes(ds, 128, model, rounds, ds.augment), steps)
+
+
 
 
 def section_run(repeats, epochs=60, swa_start=40):
@@ -314,7 +487,13 @@ def main(argv=None):
                    help="CPU threads in section 2 (0: train.py's automatic count) (default: 1)")
     p.add_argument("--against", metavar="REV",
                    help="in section 2, also time utils.py of git revision REV, alternating with this "
-                        "tree's (default: this tree only)")
+                        "tree's; with --loader, its harness/data.py (default: this tree only)")
+    p.add_argument("--loader", action="store_true",
+                   help="run only section 4, the data loader against a vectorised numpy reference, "
+                        "and the overlap of loading with the steps (default: off)")
+    p.add_argument("--step_ms", type=float, default=12.8,
+                   help="the stand-in step of 4b., in ms (default: 12.8, a batch of 128 at 10,000 "
+                        "images/s, a V100's speed on the zoo's fastest models)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -334,6 +513,12 @@ def main(argv=None):
     print(f"swa-paddle benchmark: {machine()}")
     print(f"repeats {args.repeats} (medians); train.py's CPU settings: automatic threads per model, "
           "MKL_DEBUG_CPU_TYPE=5 on AMD, freed memory kept for reuse")
+    if args.loader:
+        section_loader(args.batch_size, args.repeats, args.against)
+        section_overlap(args.batch_size, args.repeats, args.step_ms)
+        section_quick_start_model(args.repeats)
+        print(f"\n(benchmark took {time.time() - started:.0f} s)")
+        return 0
     if args.averaging_only:
         section_averaging(None, names, args.batch_size, max(20, args.repeats), args.rounds,
                           args.threads, args.against)
@@ -342,7 +527,8 @@ def main(argv=None):
     section_averaging(speed, names, args.batch_size, max(20, args.repeats), args.rounds,  # ms each:
                       args.threads, args.against)                                         # cheap to repeat
     section_refresh(speed, names)
-    section_loader(speed, names, args.batch_size, args.repeats)
+    section_loader(args.batch_size, args.repeats,
+                   fastest=max(speed[(n, "tuned")]["train"] for n in names))
     section_run(args.repeats + 2)
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     return 0

@@ -129,7 +129,7 @@ def metrics_rows(run_dir):
     """metrics.csv's rows, every column but the timings."""
     from harness import report
 
-    return [{k: v for k, v in row.items() if k not in ("time", "img_s")}
+    return [{k: v for k, v in row.items() if k not in ("time", "img_s", "wait_pct")}
             for row in report.read_metrics(str(run_dir))]
 
 

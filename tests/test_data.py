@@ -165,3 +165,21 @@ def test_a_missing_dataset_names_the_folders_searched_the_download_and_where_to_
     message = str(refused.value)
     assert "Paddle's download failed (ConnectionError: Name or service not known)" in message
     assert "\n" not in message and "t10k-images-idx3-ubyte.gz" in message
+
+
+def test_train_py_leaves_the_loaders_choice_to_batches_unless_told(tmp_path, monkeypatch):
+    import train
+
+    seen = []
+    original = data.Batches.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("num_workers"))
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(data.Batches, "__init__", recording)
+    flags = ["--dataset", "digits", "--model", "SimpleCNN", "--epochs", "1", "--no_visualdl"]
+    assert run_main(train.main, *flags, "--dir", tmp_path / "a").returncode == 0
+    assert seen and set(seen) == {None}  # --num_workers 0: Batches decides (ahead on a GPU)
+    seen.clear()
+    assert run_main(train.main, *flags, "--num_workers", "2", "--dir", tmp_path / "b").returncode == 0
+    assert set(seen) == {2}

@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
 def test_metrics_csv_has_every_epoch(run_dir):
     rows = report.read_metrics(str(run_dir))
     assert [r["ep"] for r in rows] == [1, 2, 3, 4, 5]
-    assert all(r["img_s"] > 0 and r["te_acc"] is not None for r in rows)
+    assert all(r["img_s"] > 0 and 0 <= r["wait_pct"] <= 100 and r["te_acc"] is not None for r in rows)
     assert [r["swa_te_acc"] is not None for r in rows] == [False, False, True, True, True]
 
 
