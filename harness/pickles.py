@@ -300,10 +300,6 @@ def _names():
 
 # --------------------------------------------------------------------------- the machine
 
-_MARK = object()
-_PYTHON2_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING"}
-
-
 class _Machine:
     """Runs a pickle's opcodes, building only plain values and the stand-ins above."""
 
