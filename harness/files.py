@@ -50,6 +50,15 @@ def leftover_temporaries(directory, names):
     return found
 
 
+def write_json(path, obj):
+    """Write `obj` as JSON to `path` atomically (see `atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
 def read_json_dict(path):
     """The dict in JSON file `path`, or None if it is missing, unreadable or not a dict."""
     try:

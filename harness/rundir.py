@@ -95,7 +95,7 @@ def record_average(directory, name):
     record = files.read_json_dict(path)
     if record is not None:
         record["averages"] = sorted(set(record.get("averages", [])) | {name})
-        write_json(path, record)
+        files.write_json(path, record)
 
 
 def remove(paths):
@@ -122,15 +122,6 @@ def read_record(directory):
 def read_args(directory):
     """The arguments recorded in DIR/args.json, or None if there are none."""
     return files.read_json_dict(os.path.join(directory, "args.json"))
-
-
-def write_json(path, obj):
-    """Write `obj` as JSON atomically (see `files.atomic_write`)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    files.atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- starting a run
@@ -301,10 +292,10 @@ def record_run(directory, plan, world_size, command, flags, identity):
     # Temporary files of writes that were killed (never complete files); a user's own *.tmp
     # files are not ours and stay.
     remove(files.leftover_temporaries(directory, is_run_file))
-    write_json(os.path.join(directory, RECORD),
+    files.write_json(os.path.join(directory, RECORD),
                {"run_id": plan.run_id, "identity": {name: flags[name] for name in identity},
                 "world_size": world_size})
     command = " ".join(shlex.quote(a) for a in [sys.executable] + command)
     with open(os.path.join(directory, "command.sh"), "a" if plan.resume else "w") as f:
         f.write(("# resumed from " + plan.resume + "\n" if plan.resume else "") + command + "\n")
-    write_json(os.path.join(directory, "args.json"), flags)
+    files.write_json(os.path.join(directory, "args.json"), flags)

@@ -23,7 +23,6 @@ everything again. A line per finished run says which it was and how long it took
 import contextlib
 import csv
 import io
-import json
 import os
 import queue
 import re
@@ -264,13 +263,8 @@ def scored(directory, command, env, job):
         return record[key]["scores"]
     scores = parse_scores(run_command(command, env, job))
     record[key] = {"checkpoint": stamp, "scores": scores}
-    files.atomic_write(path, lambda tmp: _write_json(tmp, record))
+    files.write_json(path, record)
     return scores
-
-
-def _write_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
 
 
 def summary(values):
