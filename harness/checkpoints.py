@@ -502,35 +502,27 @@ def load_weights(model, state_dict, source="state dict"):
     """Load `state_dict` into `model` strictly (see `utils.load_state_dict`); a mismatch, a
     tensor holding NaN or infinity, or a negative BatchNorm variance is a CheckpointError
     naming `source` and the tensor."""
-    check_finite(state_dict, source)
-    check_variances(state_dict, source)
+    check_weights(state_dict, source)
     try:
         return utils.load_state_dict(model, state_dict, source)
     except ValueError as e:
         raise errors.CheckpointError(str(e)) from None
 
 
-def check_finite(state_dict, source="state dict"):
-    """CheckpointError naming the first floating-point tensor of `state_dict` that holds NaN
-    or infinity (weights a diverged run left: a model built from them predicts nonsense)."""
+def check_weights(state_dict, source="state dict"):
+    """CheckpointError naming the first tensor of `state_dict` that no trained model holds: a
+    floating-point one with NaN or infinity (weights a diverged run left), or a BatchNorm
+    running variance (`*._variance`) with a negative entry (no batch has one). A model built
+    from either predicts nonsense without a word. Each tensor is read once."""
     for key, value in (state_dict or {}).items():
         array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             raise errors.CheckpointError(f"{source}: {key} holds NaN or infinite values; these "
                                          "weights cannot be used (the run that wrote them "
                                          "diverged?); use an earlier checkpoint")
-
-
-def check_variances(state_dict, source="state dict"):
-    """CheckpointError naming the first BatchNorm running variance (`*._variance`) of
-    `state_dict` with a negative entry: no batch has one, and a model normalising with it
-    predicts nonsense without a word."""
-    for key, value in (state_dict or {}).items():
-        if key.endswith("_variance"):
-            array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
-            if array.dtype.kind == "f" and (array < 0).any():
-                raise errors.CheckpointError(f"{source}: the BatchNorm variance {key} is negative; "
-                                             "the file is damaged or not a model's weights")
+        if key.endswith("_variance") and array.dtype.kind == "f" and (array < 0).any():
+            raise errors.CheckpointError(f"{source}: the BatchNorm variance {key} is negative; "
+                                         "the file is damaged or not a model's weights")
 
 
 def check_finite_optimizer(state, path):
@@ -580,8 +572,7 @@ def resume(ckpt, path, model, optimizer, average=None, amp=None, fingerprint=Non
                                      f"changed since the run was trained ({change}); put the "
                                      "run's files back, or start a new run in another --dir")
     load_weights(model, ckpt.state_dict, source=path)
-    check_finite(ckpt.swa_state_dict, source=f"{path} (the average)")
-    check_variances(ckpt.swa_state_dict, source=f"{path} (the average)")
+    check_weights(ckpt.swa_state_dict, source=f"{path} (the average)")
     check_finite_optimizer(ckpt.optimizer, path)
     try:
         optimizer.set_state_dict(ckpt.optimizer or {})

@@ -69,8 +69,7 @@ def _average(args):
     epochs = []
     for path in args.checkpoints:
         ckpt = first if path == args.checkpoints[0] else checkpoints.load_checkpoint(path)
-        checkpoints.check_finite(ckpt.state_dict, source=path)
-        checkpoints.check_variances(ckpt.state_dict, source=path)
+        checkpoints.check_weights(ckpt.state_dict, source=path)
         try:
             utils.load_state_dict(trained.model, ckpt.state_dict, source=path)
         except ValueError as e:
