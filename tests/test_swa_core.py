@@ -74,6 +74,71 @@ def test_update_never_changes_the_trained_models_memory_or_values():
     assert not set(_pointers(swa.model).values()) & set(pointers.values())
 
 
+def _against_the_plain_update(model, swa, rng, weights):
+    """Feed `swa` and, beside it, the plain per-tensor update (moving_average into a float32
+    copy) the same random weights; returns the largest difference of the two averages."""
+    plain = copy.deepcopy(model)
+    plain.float()
+    for i, weight in enumerate(weights):
+        _randomise(model, rng)
+        swa.update(model)
+        if i == 0:
+            utils.load_state_dict(plain, model.state_dict())
+        else:
+            utils.moving_average(plain, model, weight)
+    mine, theirs = swa.model.state_dict(), plain.state_dict()
+    return max(float(np.abs(mine[k].numpy() - theirs[k].numpy()).max()) for k in theirs)
+
+
+def _pieces(swa):
+    block = swa._pairs.block
+    return "numpy" if block.chunks is not None else "paddle"
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])  # 7 floats: chunks across tensors, within tensors
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_the_one_buffer_update_is_the_plain_per_tensor_update_bit_for_bit(monkeypatch, chunk,
+                                                                          ema_decay):
+    monkeypatch.setattr(utils._Block, "CHUNK", chunk)
+    rng = np.random.default_rng(30)
+    model = models.build("SimpleCNN" if chunk == 7 else "PreResNet110", num_classes=3)
+    swa = utils.SWA(model, ema_decay=ema_decay)
+    weights = [1.0] + ([1 / (n + 1) for n in range(1, 4)] if ema_decay is None else [0.1] * 3)
+    largest = _against_the_plain_update(model, swa, rng, weights)
+    assert _pieces(swa) == "numpy" and not swa._pairs.outside
+    assert largest == 0.0, f"largest difference from the per-tensor update: {largest}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32 through Paddle"])
+def test_the_update_through_paddle_or_from_float16_is_the_plain_update(monkeypatch, dtype):
+    # bfloat16 (numpy has none) and a GPU take the concatenation + lerp_ path; float32 is
+    # sent there too by refusing the zero-copy views, as a GPU would.
+    if dtype == "float32 through Paddle":
+        monkeypatch.setattr(utils, "_host_views", lambda buffer, tensors: None)
+    rng = np.random.default_rng(31)
+    model = models.build("PreResNet110", num_classes=3)
+    model.to(dtype=dtype.split()[0])
+    swa = utils.SWA(model)
+    largest = _against_the_plain_update(model, swa, rng, [1.0, 1 / 2, 1 / 3])
+    assert _pieces(swa) == ("numpy" if dtype == "float16" else "paddle")
+    assert largest == 0.0, f"largest difference from the per-tensor update: {largest}"
+
+
+def test_the_averages_tensors_are_views_of_one_buffer_through_refresh_and_reload():
+    model = models.build("PreResNet110", num_classes=3)
+    swa = utils.SWA(model)
+    swa.update(model)
+    start, size = swa._buffer.data_ptr(), 4 * swa._buffer.size
+
+    def inside():
+        return all(start <= p.data_ptr() < start + size for p in swa.model.parameters())
+    assert inside() and size == 4 * sum(p.size for p in swa.model.parameters())
+    swa.bn_update([paddle.randn([4, 3, 8, 8])])
+    swa.set_state_dict(swa.state_dict())
+    assert inside() and swa._buffer.data_ptr() == start
+    assert swa.pairs_with(model) is swa._pairs  # the pairing held: no re-packing
+
+
 def test_moving_average_weights_and_refuses_other_architectures():
     a = models.build("SimpleCNN", num_classes=3)
     b = models.build("SimpleCNN", num_classes=3)
@@ -573,5 +638,6 @@ def test_gpu_averaging_is_in_float32_and_leaves_the_model_untouched(dtype):
         assert _pointers(model) == pointers
         _assert_mean(swa, snapshots)
         assert {str(p.dtype) for p in swa.model.parameters()} == {"paddle.float32"}
+        assert _pieces(swa) == "paddle" and not swa._pairs.outside  # one concat + lerp_ per run
     finally:
         paddle.set_device("cpu")
