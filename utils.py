@@ -123,7 +123,7 @@ class SWA:
         self.device = device
         if device is not None:
             self._model.to(device=device)
-        self._buffer = _one_buffer(self._model)
+        self._buffer = _one_buffer(self._model, model)
         self.ema_decay = ema_decay
         self.ema_warmup, self.warmup_gamma, self.warmup_power = ema_warmup, warmup_gamma, warmup_power
         self.min_decay = min_decay
@@ -173,7 +173,7 @@ class SWA:
         """The average's tensors paired with `model`'s: kept between updates while the model's
         tensors stay the same objects, storage and dtypes (checked cheaply), made anew if not."""
         if self._pairs is None or not self._pairs.still_holds(model):
-            self._buffer = _one_buffer(self._model, self._buffer)
+            self._buffer = _one_buffer(self._model, model, self._buffer)
             self._pairs = _Pairs(self._model, model, self.average_statistics,
                                  other_place=self.device is not None, buffer=self._buffer)
         return self._pairs
@@ -885,18 +885,22 @@ def _chunks(runs, size):
     return chunks
 
 
-def _one_buffer(model, buffer=None):
-    """Make `model`'s float32 parameters views of one float32 tensor, which is returned (or
-    `buffer`, if they all are views of it already; None if they are on several devices or
+def _one_buffer(average, model, buffer=None):
+    """Make the float32 parameters of `average` views of one float32 tensor, which is returned
+    (or `buffer`, if they all are views of it already; None if they are on several devices or
     this Paddle cannot make a parameter over given memory). The values are kept: each
-    parameter is replaced in its layers by one of the same name over the buffer."""
+    parameter is replaced in its layers by one of the same name over the buffer. They are
+    laid out by the dtype of `model`'s tensor of the same name (then in order), so that a
+    mixed-precision model's tensors form one run per dtype (`_Block`)."""
     from_tensor = getattr(paddle.base.framework.EagerParamBase, "from_tensor", None)
-    model = _unwrap(model)
-    params = [p for p in model.parameters() if p.dtype == paddle.float32]
-    if not params or from_tensor is None or len({str(p.place) for p in params}) > 1:
+    average = _unwrap(average)
+    named = [(name, p) for name, p in average.named_parameters() if p.dtype == paddle.float32]
+    if not named or from_tensor is None or len({str(p.place) for _, p in named}) > 1:
         return None
-    if all(_offset(buffer, p) is not None for p in params):
+    if all(_offset(buffer, p) is not None for _, p in named):
         return buffer
+    dtypes = {name: str(t.dtype) for name, t in _named_tensors(model)}
+    params = [p for _, p in sorted(named, key=lambda item: dtypes.get(item[0], ""))]
     buffer = paddle.concat([p.detach().reshape([-1]) for p in params])
     replaced, offset = {}, 0
     for p in params:
@@ -904,7 +908,7 @@ def _one_buffer(model, buffer=None):
                            trainable=p.trainable)
         view.stop_gradient = True
         replaced[id(p)], offset = view, offset + p.size
-    for layer in model.sublayers(include_self=True):
+    for layer in average.sublayers(include_self=True):
         for key, p in list(layer._parameters.items()):
             if p is not None and id(p) in replaced:
                 setattr(layer, key, replaced[id(p)])

@@ -46,15 +46,31 @@ import utils  # noqa: E402
 from harness import cli, data, engine, runtime  # noqa: E402
 
 
-def median_time(fn, repeats, warmup=1):
+def median_time(fn, repeats, warmup=1, before=None):
+    """The median time of `repeats` calls of `fn`, after `warmup` calls; `before` (untimed) runs
+    before each."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cache_evictor():
+    """A function that writes twice the last-level cache's size (at least 64 MB), so the next
+    call finds its arrays in memory, not in a cache: as an update finds them after a
+    training step."""
+    try:
+        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError):
+        size = 0
+    block = np.zeros(max(64 << 20, 2 * size), np.uint8)
+    return lambda: np.add(block, 1, out=block)
 
 
 def synthetic_batch(batch_size, channels=3, size=32, seed=0):
@@ -206,11 +222,12 @@ def worker_averaging(model_name, repeats, threads, revision):
     a = models.build(model_name)
     swa, ema = core.SWA(a), core.SWA(a, ema_decay=0.999)
     count = sum(int(p.numel()) for p in a.parameters())
-    result = {"floats": count, "tensors": len(a.parameters()),
-              "swa": median_time(lambda: swa.update(a), repeats, warmup=2),
-              "ema": median_time(lambda: ema.update(a), repeats, warmup=2)}
     x, y, z = (np.ones(count, np.float32) for _ in range(3))
-    result["floor"] = median_time(lambda: np.add(x, y, out=z), repeats, warmup=2)
+    result = {"floats": count, "tensors": len(a.parameters())}
+    for caches, before in (("warm", None), ("cold", cache_evictor())):
+        result[caches] = {key: median_time(fn, repeats, warmup=2, before=before) for key, fn in (
+            ("swa", lambda: swa.update(a)), ("ema", lambda: ema.update(a)),
+            ("floor", lambda: np.add(x, y, out=z)))}
     return result
 
 
@@ -229,10 +246,11 @@ def section_averaging(speed, names, batch_size, repeats, rounds, threads, agains
           "   (numpy adding two float32 arrays into a third over the model's float count), for an\n"
           "   SWA update (once per averaging epoch) and an EMA update (after every step; its share of\n"
           f"   a training step of batch {batch_size}); {threads or 'automatic'} CPU thread(s), "
-          f"each version in {rounds} fresh\n   processes per model, alternating, medians; torch's "
-          "_foreach_lerp_ where torch is installed")
+          f"each version in {rounds} fresh\n   processes per model, alternating, medians; caches "
+          "warm (the same arrays again) and cold\n   (evicted before each call, as after a "
+          "training step); torch's _foreach_lerp_ where torch is installed")
     versions = ["-"] + ([against] if against else [])
-    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'version':>9s} {'floor':>9s} "
+    print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'version':>9s} {'caches':>6s} {'floor':>9s} "
           f"{'SWA.update':>11s} {'ratio':>6s} {'EMA update':>11s} {'ratio':>6s} {'of a step':>9s} "
           f"{'torch':>9s}")
     for name in names:
@@ -245,12 +263,16 @@ def section_averaging(speed, names, batch_size, repeats, rounds, threads, agains
         model = models.build(name)
         foreach = torch_foreach_ms([list(p.shape) for p in model.parameters()], repeats)
         for version, samples in runs.items():
-            m = {key: statistics.median(s[key] for s in samples) for key in ("floor", "swa", "ema")}
-            label = "this tree" if version == "-" else version[:9]
-            print(f"{name:16s} {samples[0]['floats']:9d} {samples[0]['tensors']:7d} {label:>9s} "
-                  f"{m['floor'] * 1e3:6.2f} ms {m['swa'] * 1e3:8.2f} ms {m['swa'] / m['floor']:6.2f} "
-                  f"{m['ema'] * 1e3:8.2f} ms {m['ema'] / m['floor']:6.2f} {100 * m['ema'] / step:8.2f}%"
-                  + (f" {foreach:6.2f} ms" if foreach is not None else f" {'-':>9s}"))
+            for caches in ("warm", "cold"):
+                m = {key: statistics.median(s[caches][key] for s in samples)
+                     for key in ("floor", "swa", "ema")}
+                label = "this tree" if version == "-" else version[:9]
+                print(f"{name:16s} {samples[0]['floats']:9d} {samples[0]['tensors']:7d} {label:>9s} "
+                      f"{caches:>6s} {m['floor'] * 1e3:6.2f} ms {m['swa'] * 1e3:8.2f} ms "
+                      f"{m['swa'] / m['floor']:6.2f} {m['ema'] * 1e3:8.2f} ms "
+                      f"{m['ema'] / m['floor']:6.2f} {100 * m['ema'] / step:8.2f}%"
+                      + (f" {foreach:6.2f} ms" if foreach is not None and caches == "warm"
+                         else f" {'-':>9s}"))
 
 
 def section_refresh(speed, names, train_size=50_000, test_size=10_000):

@@ -261,6 +261,8 @@ def test_amp_o2_model_is_averaged_in_float32_and_the_average_evaluates():
     snapshots = _feed(swa, model, rng, 2)
     _assert_mean(swa, snapshots)
     assert {name: str(p.dtype) for name, p in model.named_parameters()} == dtypes
+    # The average's buffer is laid out by the model's dtypes: one concatenation + lerp_ each.
+    assert _pieces(swa) == "paddle" and len(swa._pairs.block.runs) == 2
     swa.model.eval()
     with paddle.no_grad():
         out = swa.model(paddle.randn([2, 3, 16, 16]))
@@ -641,3 +643,11 @@ def test_gpu_averaging_is_in_float32_and_leaves_the_model_untouched(dtype):
         assert _pieces(swa) == "paddle" and not swa._pairs.outside  # one concat + lerp_ per run
     finally:
         paddle.set_device("cpu")
+
+
+def test_the_benchmarks_averaging_worker_times_both_updates_and_the_floor_warm_and_cold():
+    from helpers import script
+    result = script("bench").worker_averaging("SimpleCNN", 2, 1, "-")
+    assert result["floats"] == sum(p.size for p in models.build("SimpleCNN").parameters())
+    for caches in ("warm", "cold"):
+        assert set(result[caches]) == {"swa", "ema", "floor"} and min(result[caches].values()) > 0
