@@ -843,12 +843,15 @@ class _Block:
 
 
 def _host_views(buffer, tensors):
-    """Zero-copy numpy views (1-D) of `tensors`, if the buffer and they all are in host memory
-    and of dtypes numpy has (float32, float16); else None."""
+    """Zero-copy read-only numpy views (1-D) of `tensors`, if the buffer and they all are in
+    host memory and of dtypes numpy has (float32, float16); else None."""
     if not all(t.place.is_cpu_place() and t.dtype in (paddle.float32, paddle.float16)
                for t in [buffer] + tensors):
         return None
-    return [np.from_dlpack(t.detach()).reshape(-1) for t in tensors]
+    views = [np.from_dlpack(t.detach()).reshape(-1) for t in tensors]
+    for view in views:
+        view.flags.writeable = False  # the model is only read: numpy refuses any write
+    return views
 
 
 def _runs(entries, items, same=lambda new, last: True):
