@@ -227,7 +227,7 @@ def worker_averaging(model_name, repeats, threads, revision):
     for caches, before in (("warm", None), ("cold", cache_evictor())):
         result[caches] = {key: median_time(fn, repeats, warmup=2, before=before) for key, fn in (
             ("swa", lambda: swa.update(a)), ("ema", lambda: ema.update(a)),
-            ("floor", lambda: np.add(x, y, out=z)))}
+            ("check", lambda: swa.pairs_with(a)), ("floor", lambda: np.add(x, y, out=z)))}
     return result
 
 
@@ -248,11 +248,12 @@ def section_averaging(speed, names, batch_size, repeats, rounds, threads, agains
           f"   a training step of batch {batch_size}); {threads or 'automatic'} CPU thread(s), "
           f"each version in {rounds} fresh\n   processes per model, alternating, medians; caches "
           "warm (the same arrays again) and cold\n   (evicted before each call, as after a "
-          "training step); torch's _foreach_lerp_ where torch is installed")
+          "training step); of the SWA update, the check that the pairing still holds; torch's\n"
+          "   _foreach_lerp_ where torch is installed")
     versions = ["-"] + ([against] if against else [])
     print(f"{'model':16s} {'floats':>9s} {'tensors':>7s} {'version':>9s} {'caches':>6s} {'floor':>9s} "
-          f"{'SWA.update':>11s} {'ratio':>6s} {'EMA update':>11s} {'ratio':>6s} {'of a step':>9s} "
-          f"{'torch':>9s}")
+          f"{'SWA.update':>11s} {'ratio':>6s} {'check':>8s} {'EMA update':>11s} {'ratio':>6s} "
+          f"{'of a step':>9s} {'torch':>9s}")
     for name in names:
         runs = {v: [] for v in versions}
         for _ in range(rounds):
@@ -265,11 +266,11 @@ def section_averaging(speed, names, batch_size, repeats, rounds, threads, agains
         for version, samples in runs.items():
             for caches in ("warm", "cold"):
                 m = {key: statistics.median(s[caches][key] for s in samples)
-                     for key in ("floor", "swa", "ema")}
+                     for key in ("floor", "swa", "ema", "check")}
                 label = "this tree" if version == "-" else version[:9]
                 print(f"{name:16s} {samples[0]['floats']:9d} {samples[0]['tensors']:7d} {label:>9s} "
                       f"{caches:>6s} {m['floor'] * 1e3:6.2f} ms {m['swa'] * 1e3:8.2f} ms "
-                      f"{m['swa'] / m['floor']:6.2f} {m['ema'] * 1e3:8.2f} ms "
+                      f"{m['swa'] / m['floor']:6.2f} {m['check'] * 1e3:5.2f} ms {m['ema'] * 1e3:8.2f} ms "
                       f"{m['ema'] / m['floor']:6.2f} {100 * m['ema'] / step:8.2f}%"
                       + (f" {foreach:6.2f} ms" if foreach is not None and caches == "warm"
                          else f" {'-':>9s}"))

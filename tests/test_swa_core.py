@@ -650,4 +650,4 @@ def test_the_benchmarks_averaging_worker_times_both_updates_and_the_floor_warm_a
     result = script("bench").worker_averaging("SimpleCNN", 2, 1, "-")
     assert result["floats"] == sum(p.size for p in models.build("SimpleCNN").parameters())
     for caches in ("warm", "cold"):
-        assert set(result[caches]) == {"swa", "ema", "floor"} and min(result[caches].values()) > 0
+        assert set(result[caches]) == {"swa", "ema", "check", "floor"} and min(result[caches].values()) > 0
