@@ -625,10 +625,18 @@ def _is_batch_norm(layer):
 
 
 def _named_tensors(model):
-    """(name, tensor) for every parameter and buffer, BatchNorm statistics included."""
+    """(name, tensor) for every parameter and persistable buffer, BatchNorm statistics
+    included: what a state dict holds. Non-persistable buffers are a layer's working state
+    (an RNN's dropout state: shape [] in a model, [0] in its deep copy), not its weights."""
     model = _unwrap(model)
     yield from model.named_parameters()
-    yield from model.named_buffers()
+    seen = set()
+    for prefix, layer in model.named_sublayers(include_self=True):
+        skip = layer._non_persistable_buffer_names_set
+        for key, tensor in layer._buffers.items():
+            if tensor is not None and key not in skip and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield (f"{prefix}.{key}" if prefix else key), tensor
 
 
 def _statistic_ids(model):
@@ -674,9 +682,10 @@ def _flat_pair(avg, new):
     Why views, made once: Paddle's lerp_ is ~9x slower on 4-D tensors than on the same
     memory seen as 1-D (measured on CPU), and making the views at every update costs more
     than the lerp itself for small tensors (PreResNet110: 11 ms against 4 ms an update)."""
-    if avg.dtype == paddle.float32 and new.dtype == paddle.float32:
+    if avg.dtype == paddle.float32 and new.dtype == paddle.float32 and avg.is_contiguous() and \
+            new.is_contiguous():
         return avg.reshape([-1]), new.reshape([-1]), True
-    return avg, new, False
+    return avg, new, False  # (a strided tensor's 1-D view would be a copy, frozen here)
 
 
 def _lerp_each(pairs, alpha):
@@ -690,10 +699,8 @@ def _lerp_each(pairs, alpha):
         if ready:
             avg.lerp_(new, weight)
             continue
-        target = avg if avg.dtype == paddle.float32 else avg.astype("float32")
-        target.reshape([-1]).lerp_(_as_float32(new).reshape([-1]), weight)
-        if target is not avg:
-            _assign(avg, target)
+        value = _as_float32(avg).reshape([-1]).lerp(_as_float32(new).reshape([-1]), weight)
+        _assign(avg, value.reshape(avg.shape))  # into avg's own memory, in its dtype
 
 
 def _copy_each(pairs):
@@ -722,9 +729,9 @@ class _Pairs:
 
     The averaged pairs whose average tensor is a view of `buffer` are updated together
     (`_Block`); any others one at a time, as `_flat_pair` gives them. `still_holds` tells
-    cheaply whether the pairing and the views are still right: the model's layers hold the
-    same sublayers and tensors, with the same storage (a cast or a move gives a tensor new
-    storage), and the average's tensors keep theirs."""
+    cheaply whether the pairing and the views are still right: the layers of both models hold
+    the same sublayers and tensors, each with the same storage (a cast or a move gives a
+    tensor new storage)."""
 
     def __init__(self, average, model, average_statistics, other_place=False, buffer=None):
         targets = dict(_named_tensors(average))
@@ -749,7 +756,9 @@ class _Pairs:
         self.flat = [_flat_pair(avg, new) for avg, new in self.outside]
         self.other_place = other_place
         self.root = _unwrap(model)
-        self.layers = self.root.sublayers(include_self=True)
+        # the average's layers too: a tensor of it replaced by its user is paired anew
+        self.layers = self.root.sublayers(include_self=True) + \
+            _unwrap(average).sublayers(include_self=True)
         self.tensors = [t for pair in self.averaged + self.copied for t in pair]
         self.signature = self._signature()
 
@@ -769,8 +778,8 @@ class _Pairs:
         _copy_each(self.copied)
 
     def _signature(self):
-        """The ids of what the model's layers hold and the storage of every tensor paired,
-        the average's too: with C-level maps over the layers found when pairing (a replaced
+        """The ids of what the layers of both models hold and the storage of every tensor
+        paired: with C-level maps over the layers found when pairing (a replaced
         sublayer changes its parent's), PreResNet110's 550 tensors take 0.2 ms here with warm
         caches, where walking the model (model.parameters()) alone takes 0.6 ms."""
         held = itertools.chain.from_iterable(map(_LAYER_DICTS, self.layers))
@@ -810,7 +819,7 @@ class _Block:
             return
         self.chunks = None
         same = lambda new, last: new.dtype == last.dtype  # noqa: E731  (one concatenation each)
-        flat = [new.reshape([-1]) for _, new in entries]
+        flat = [new.reshape([-1]) if new.is_contiguous() else new for _, new in entries]
         self.runs = [(buffer[a:b], run) for a, b, run in _runs(entries, flat, same)]
 
     def lerp(self, weight):
@@ -839,6 +848,7 @@ class _Block:
             np.concatenate(pieces, out=avg)
 
     def _gathered(self, run):
+        run = [t if len(t.shape) == 1 else t.reshape([-1]) for t in run]  # a strided one, now
         block = _as_float32(run[0] if len(run) == 1 else paddle.concat(run))
         return block if str(block.place) == str(self.buffer.place) else block.to(self.buffer.place)
 
@@ -846,9 +856,9 @@ class _Block:
 def _host_views(buffer, tensors):
     """Zero-copy read-only numpy views (1-D) of `tensors`, if the buffer and they all are in
     host memory and of dtypes numpy has (float32, float16); else None."""
-    if not all(t.place.is_cpu_place() and t.dtype in (paddle.float32, paddle.float16)
-               for t in [buffer] + tensors):
-        return None
+    if not all(t.place.is_cpu_place() and t.dtype in (paddle.float32, paddle.float16) and
+               t.is_contiguous() for t in [buffer] + tensors):
+        return None  # (a strided tensor's 1-D view would be a copy, frozen at pairing)
     views = [np.from_dlpack(t.detach()).reshape(-1) for t in tensors]
     for view in views:
         view.flags.writeable = False  # the model is only read: numpy refuses any write
@@ -890,32 +900,26 @@ def _chunks(runs, size):
 
 
 def _one_buffer(average, model, buffer=None):
-    """Make the float32 parameters of `average` views of one float32 tensor, which is returned
-    (or `buffer`, if they all are views of it already; None if they are on several devices or
-    this Paddle cannot make a parameter over given memory). The values are kept: each
-    parameter is replaced in its layers by one of the same name over the buffer. They are
-    laid out by the dtype of `model`'s tensor of the same name (then in order), so that a
-    mixed-precision model's tensors form one run per dtype (`_Block`)."""
-    from_tensor = getattr(paddle.base.framework.EagerParamBase, "from_tensor", None)
-    average = _unwrap(average)
-    named = [(name, p) for name, p in average.named_parameters() if p.dtype == paddle.float32]
-    if not named or from_tensor is None or len({str(p.place) for _, p in named}) > 1:
+    """Point the float32 tensors of `average` at slices of one float32 buffer, which is
+    returned (or `buffer`, if they all are views of it already; None if they are on several
+    devices or this Paddle cannot re-point a tensor). Each stays the same object with the same
+    values and attributes, so whatever holds it (an RNN's weight list, an optimizer) still
+    does. They are laid out by the dtype of `model`'s tensor of the same name (then in order),
+    so that a mixed-precision model's tensors form one run per dtype (`_Block`)."""
+    tensors = {id(t): (name, t) for name, t in _named_tensors(average) if t.dtype == paddle.float32}
+    named = list(tensors.values())
+    if not named or not hasattr(paddle.Tensor, "_set_impl") or \
+            len({str(t.place) for _, t in named}) > 1:
         return None
-    if all(_offset(buffer, p) is not None for _, p in named):
+    if all(_offset(buffer, t) is not None for _, t in named):
         return buffer
     dtypes = {name: str(t.dtype) for name, t in _named_tensors(model)}
-    params = [p for _, p in sorted(named, key=lambda item: dtypes.get(item[0], ""))]
-    buffer = paddle.concat([p.detach().reshape([-1]) for p in params])
-    replaced, offset = {}, 0
-    for p in params:
-        view = from_tensor(buffer[offset:offset + p.size].reshape(p.shape), name=p.name,
-                           trainable=p.trainable)
-        view.stop_gradient = True
-        replaced[id(p)], offset = view, offset + p.size
-    for layer in average.sublayers(include_self=True):
-        for key, p in list(layer._parameters.items()):
-            if p is not None and id(p) in replaced:
-                setattr(layer, key, replaced[id(p)])
+    ordered = [t for _, t in sorted(named, key=lambda item: dtypes.get(item[0], ""))]
+    buffer = paddle.concat([t.detach().reshape([-1]) for t in ordered])
+    offset = 0
+    for t in ordered:
+        t._set_impl(buffer[offset:offset + t.size].reshape(t.shape))
+        offset += t.size
     return buffer
 
 

@@ -139,6 +139,70 @@ def test_the_averages_tensors_are_views_of_one_buffer_through_refresh_and_reload
     assert swa.pairs_with(model) is swa._pairs  # the pairing held: no re-packing
 
 
+def test_an_rnns_average_evaluates_as_the_mean_through_its_own_weight_list():
+    # Paddle's LSTM runs its forward from the tensors listed in _all_weights when it was made,
+    # and keeps a non-persistable dropout state ([] in a model, [0] in its deep copy).
+    paddle.seed(32)
+    model = paddle.nn.LSTM(4, 8)
+    swa = utils.SWA(model)
+    snapshots = _feed(swa, model, np.random.default_rng(32), 3)
+    mean = {k: np.mean([s[k] for s in snapshots], axis=0).astype("float32") for k in snapshots[0]}
+    loaded = paddle.nn.LSTM(4, 8)
+    loaded.set_state_dict({k: paddle.to_tensor(v) for k, v in mean.items()})
+    x = paddle.randn([2, 5, 4])
+    np.testing.assert_allclose(swa.model(x)[0].numpy(), loaded(x)[0].numpy(), atol=1e-5)
+
+
+def test_the_averages_tensors_keep_their_objects_and_attributes():
+    attr = paddle.ParamAttr(learning_rate=0.0, regularizer=paddle.regularizer.L2Decay(0.5),
+                            need_clip=False)
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 2, weight_attr=attr))
+    swa = utils.SWA(model)
+    held = swa.model[0].weight  # as an optimizer over swa.model would hold it
+    swa.update(model)
+    swa.model.to(dtype="float16")  # new storage for every tensor: the buffer is made anew
+    swa.model.to(dtype="float32")
+    swa.update(model)
+    assert swa.model[0].weight is held and utils._offset(swa._buffer, held) is not None
+    assert (held.optimize_attr, held.need_clip) == ({"learning_rate": 0.0}, False)
+    assert held.regularizer is not None and held.stop_gradient
+
+
+def test_a_tensor_of_the_average_replaced_by_its_user_is_averaged_from_then_on():
+    model = paddle.nn.Sequential(paddle.nn.Linear(2, 2))
+    swa = utils.SWA(model)
+    swa.update(model)
+    swa.model[0].weight = swa.model[0].create_parameter(
+        [2, 2], default_initializer=paddle.nn.initializer.Constant(0.0))
+    for value in (10.0, 20.0, 30.0):  # weights 1/2, 1/3, 1/4 from 0: 5, 10, 15
+        model[0].weight.set_value(np.full([2, 2], value, np.float32))
+        swa.update(model)
+    np.testing.assert_array_equal(swa.model[0].weight.numpy(), np.full([2, 2], 15.0, np.float32))
+
+
+@pytest.mark.parametrize("path", ["numpy", "paddle"])
+def test_strided_tensors_of_the_model_changed_in_place_are_read_afresh(monkeypatch, path):
+    if path == "paddle":
+        monkeypatch.setattr(utils, "_host_views", lambda buffer, tensors: None)
+
+    class Strided(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.w = paddle.base.framework.EagerParamBase.from_tensor(paddle.zeros([5, 4]).T)
+            self.register_buffer("b", paddle.zeros([5, 4]).T)
+
+    model = Strided()
+    assert not model.w.is_contiguous()
+    swa = utils.SWA(model)
+    for _ in range(3):  # 1, 2, 3 in place (the storage stays): their mean is 2
+        with paddle.no_grad():
+            model.w.add_(paddle.ones_like(model.w))
+            model.b.add_(paddle.ones_like(model.b))
+        swa.update(model)
+    for value in swa.model.state_dict().values():
+        np.testing.assert_array_equal(value.numpy(), np.full([4, 5], 2.0, np.float32))
+
+
 def test_moving_average_weights_and_refuses_other_architectures():
     a = models.build("SimpleCNN", num_classes=3)
     b = models.build("SimpleCNN", num_classes=3)
