@@ -756,9 +756,10 @@ class _Pairs:
         self.flat = [_flat_pair(avg, new) for avg, new in self.outside]
         self.other_place = other_place
         self.root = _unwrap(model)
-        # the average's layers too: a tensor of it replaced by its user is paired anew
-        self.layers = self.root.sublayers(include_self=True) + \
-            _unwrap(average).sublayers(include_self=True)
+        # what the layers of both hold (the average's too: a tensor of it replaced by its user
+        # is paired anew); Paddle changes these tables in place, never replaces them
+        layers = self.root.sublayers(include_self=True) + _unwrap(average).sublayers(include_self=True)
+        self.tables = [table for layer in layers for table in _LAYER_DICTS(layer)]
         self.tensors = [t for pair in self.averaged + self.copied for t in pair]
         self.signature = self._signature()
 
@@ -779,11 +780,10 @@ class _Pairs:
 
     def _signature(self):
         """The ids of what the layers of both models hold and the storage of every tensor
-        paired: with C-level maps over the layers found when pairing (a replaced
-        sublayer changes its parent's), PreResNet110's 550 tensors take 0.2 ms here with warm
-        caches, where walking the model (model.parameters()) alone takes 0.6 ms."""
-        held = itertools.chain.from_iterable(map(_LAYER_DICTS, self.layers))
-        return (list(map(id, itertools.chain.from_iterable(map(dict.values, held)))),
+        paired: with C-level maps over the layers' tables found when pairing (a replaced
+        sublayer changes its parent's), PreResNet110's two models take 0.25 ms here with warm
+        caches, where walking the model alone (model.parameters()) takes 0.6 ms."""
+        return (list(map(id, itertools.chain.from_iterable(map(dict.values, self.tables)))),
                 list(map(paddle.Tensor.data_ptr, self.tensors)))
 
     def still_holds(self, model):
