@@ -11,7 +11,6 @@ Without --cifar_dir, CIFAR runs read small stand-in files in the official format
 
     python scripts/run_documented_commands.py [--budget 120] [--work DIR]
 """
-import argparse
 import glob
 import io
 import os
@@ -28,17 +27,23 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from harness import cli, errors  # noqa: E402  (standard library only: no Paddle start-up)
+
 PLACEHOLDER = re.compile(r"\.\.\.|<[^>]*>|\[--|\|")
 ROW = re.compile(r"^\s*\d+\s+-?\d*\.?\d+(e[-+]?\d+)?\s")  # an epoch row of train.py's table
 TRAINING = re.compile(r"(^|\s)(train\.py|scripts/launch_\w+\.sh|-m paddle\.distributed\.launch)(\s|$)")
+SELF = "scripts/run_documented_commands.py"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pdparams$")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=120,
+    p = cli.ArgumentParser(prog="run_documented_commands.py", description=__doc__.split("\n\n")[0])
+    seconds = cli.number(float, 0, low_open=True)
+    p.add_argument("--budget", type=seconds, default=120,
                    help="seconds a training run may take before it is stopped with SIGINT (default: 120)")
-    p.add_argument("--script_budget", type=float, default=900,
+    p.add_argument("--script_budget", type=seconds, default=900,
                    help="seconds any other command may take before it counts as failed (default: 900)")
     p.add_argument("--work", default=None,
                    help="clone into this new folder and keep it (default: a temporary folder, removed)")
@@ -96,6 +101,13 @@ def _inline_commands(text):
 
 def is_template(command):
     return bool(PLACEHOLDER.search(command))
+
+
+def not_run(command):
+    """Why a documented command is only listed ('template', 'this runner'), or None."""
+    if is_template(command):
+        return "template"
+    return "this runner" if SELF in command else None  # running itself would recurse
 
 
 # --- stand-in data ----------------------------------------------------------------------
@@ -300,18 +312,20 @@ def prepare_data(clone, cifar_dir):
 
 
 def main(argv=None):
+    return cli.main("run_documented_commands.py", _main, argv)
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     commands = documented_commands()
     if args.list:
         for name, line, command in commands:
-            print(f"{'template' if is_template(command) else 'command'}  {name}:{line}  {command}")
+            print(f"{not_run(command) or 'command'}  {name}:{line}  {command}")
         return 0
     if args.cifar_dir and not os.path.isdir(args.cifar_dir):
-        print(f"run_documented_commands.py: error: --cifar_dir {args.cifar_dir} is not a folder", file=sys.stderr)
-        return 2
+        raise errors.UsageError(f"--cifar_dir {args.cifar_dir} is not a folder")
     if args.work and os.path.exists(args.work) and os.listdir(args.work):
-        print(f"run_documented_commands.py: error: --work {args.work} exists and is not empty", file=sys.stderr)
-        return 2
+        raise errors.UsageError(f"--work {args.work} exists and is not empty")
     folder = args.work or tempfile.mkdtemp(prefix="docs-run-")
     try:
         return _run_all(commands, folder, args)
@@ -326,8 +340,8 @@ def _run_all(commands, clone, args):
     runner = Runner(clone, args.budget, args.script_budget, has_gpu())
     counts, start = {}, time.monotonic()
     for name, line, command in commands:
-        if is_template(command):
-            status, seconds, note, output = "template, not run", 0.0, "", ""
+        if not_run(command):
+            status, seconds, note, output = f"{not_run(command)}, not run", 0.0, "", ""
         else:
             status, seconds, note, output = runner.run(command)
         counts[status] = counts.get(status, 0) + 1
