@@ -1,8 +1,8 @@
 """Every command README.md and docs/*.md show for train.py, eval.py and the scripts is one their
 parsers take as written (flags that exist, values in range, flags that go together): a
 renamed or tightened flag cannot leave the docs behind. Placeholders (`...`, `<DIR>`,
-`[--flag]`) mark commands that are templates, not commands, and are left out."""
-import glob
+`[--flag]`) mark commands that are templates, not commands, and are left out. The commands
+come from scripts/run_documented_commands.py's extraction, which also runs them."""
 import importlib.util
 import os
 import re
@@ -18,18 +18,15 @@ PROGRAMS = {"train.py": None, "eval.py": None, "scripts/average_checkpoints.py":
 
 
 def _documented():
+    """(file, command) of each part (`&&`) of a non-template documented command that runs one
+    of PROGRAMS, from the extraction scripts/run_documented_commands.py runs them with."""
+    runner = script("run_documented_commands")
     found = []
-    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
-        text = open(path).read()
-        lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                 for line in block.replace("\\\n", " ").splitlines()]
-        lines += [" ".join(span.split()) for span in re.findall(r"`(python [^`]+)`", text)]
-        for line in lines:
-            line = " ".join(line.split())
-            match = re.search(r"python (train\.py|eval\.py|scripts/\w+\.py)( .*)?$", line)
-            if match and match[1] in PROGRAMS and not re.search(r"\.\.\.|<|\[|\|", line):
-                command = re.split(r"\s+(?:&&|;|#)\s*", match[0])[0]
-                found.append((os.path.basename(path), command))
+    for name, _, command in runner.documented_commands(ROOT):
+        for part in ([] if runner.is_template(command) else command.split(" && ")):
+            match = re.match(r"python (\S+)( .*)?$", part)
+            if match and match[1] in PROGRAMS:
+                found.append((name, part))
     return found
 
 
