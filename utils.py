@@ -76,8 +76,9 @@ class SWA:
     float16 or bfloat16 model (AMP O2, `paddle.amp.decorate`) is averaged in float32, as
     master weights are, and `swa.model` evaluates in float32 as it is (or under
     `paddle.amp.auto_cast`). `update` reads the model and writes only the average. Each
-    update checks, cheaply, that the model's tensors are still those it paired with the
-    average; a replaced layer or a dtype change is followed, a model that no longer fits
+    update checks, cheaply, that the tensors of the model and of the average are still those
+    it paired; a replaced layer or tensor (of either) or a dtype change is followed, a model
+    that no longer fits
     (other shapes; another device, unless `device` is given) is refused with a ValueError
     naming the tensor.
 
