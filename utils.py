@@ -78,9 +78,8 @@ class SWA:
     `paddle.amp.auto_cast`). `update` reads the model and writes only the average. Each
     update checks, cheaply, that the tensors of the model and of the average are still those
     it paired; a replaced layer or tensor (of either) or a dtype change is followed, a model
-    that no longer fits
-    (other shapes; another device, unless `device` is given) is refused with a ValueError
-    naming the tensor.
+    that no longer fits (other shapes; another device, unless `device` is given) is refused
+    with a ValueError naming the tensor.
 
     Args:
         model: the model being trained (a paddle.DataParallel wrapper is fine).
