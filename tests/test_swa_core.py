@@ -158,8 +158,8 @@ def test_the_averages_tensors_keep_their_objects_and_attributes():
                             need_clip=False)
     model = paddle.nn.Sequential(paddle.nn.Linear(3, 2, weight_attr=attr))
     swa = utils.SWA(model)
-    held = swa.model[0].weight  # as an optimizer over swa.model would hold it
     swa.update(model)
+    held = swa.model[0].weight  # as an optimizer over swa.model would hold it
     swa.model.to(dtype="float16")  # new storage for every tensor: the buffer is made anew
     swa.model.to(dtype="float32")
     swa.update(model)
