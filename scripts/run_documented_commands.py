@@ -127,12 +127,14 @@ def write_cifar_stand_ins(folder, seed=0):
 
     ten = {f"data_batch_{i}": batch(6, 10) for i in range(1, 6)}
     ten["test_batch"] = batch(16, 10)
-    _write_tar(os.path.join(folder, "cifar-10-python.tar.gz"), "cifar-10-batches-py", ten)
+    write_tar(os.path.join(folder, "cifar-10-python.tar.gz"), "cifar-10-batches-py", ten)
     hundred = {"train": batch(32, 100), "test": batch(16, 100)}
-    _write_tar(os.path.join(folder, "cifar-100-python.tar.gz"), "cifar-100-python", hundred)
+    write_tar(os.path.join(folder, "cifar-100-python.tar.gz"), "cifar-100-python", hundred)
 
 
-def _write_tar(archive, inner, batches):
+def write_tar(archive, inner, batches):
+    """The gzipped tarball `archive` holding each batch pickled (protocol 2, as the official
+    files) as `inner`/name (the tests' CIFAR files are written with it too)."""
     os.makedirs(os.path.dirname(archive), exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         for name, content in batches.items():

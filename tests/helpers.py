@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 
@@ -82,12 +81,7 @@ def _write_tar(folder, archive, inner, batches, extracted):
             with open(os.path.join(folder, inner, name), "wb") as f:
                 pickle.dump(batch, f, protocol=2)
         return
-    with tarfile.open(os.path.join(folder, archive), "w:gz") as tar:
-        for name, batch in batches.items():
-            raw = pickle.dumps(batch, protocol=2)
-            info = tarfile.TarInfo(f"{inner}/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
+    script("run_documented_commands").write_tar(os.path.join(folder, archive), inner, batches)
 
 
 def _idx(array):
