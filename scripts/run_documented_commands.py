@@ -342,8 +342,9 @@ def _run_all(commands, clone, args):
     runner = Runner(clone, args.budget, args.script_budget, has_gpu())
     counts, start = {}, time.monotonic()
     for name, line, command in commands:
-        if not_run(command):
-            status, seconds, note, output = f"{not_run(command)}, not run", 0.0, "", ""
+        skipped = not_run(command)
+        if skipped:
+            status, seconds, note, output = f"{skipped}, not run", 0.0, "", ""
         else:
             status, seconds, note, output = runner.run(command)
         counts[status] = counts.get(status, 0) + 1
