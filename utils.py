@@ -124,7 +124,7 @@ class SWA:
         self.device = device
         if device is not None:
             self._model.to(device=device)
-        self._buffer = _one_buffer(self._model, model)
+        self._buffer = None  # made at the first pairing (`pairs_with`)
         self.ema_decay = ema_decay
         self.ema_warmup, self.warmup_gamma, self.warmup_power = ema_warmup, warmup_gamma, warmup_power
         self.min_decay = min_decay
